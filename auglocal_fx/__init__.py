@@ -1,0 +1,26 @@
+"""auglocal-fx: turn any PyTorch vision model into an AugLocal supervised local learning model."""
+from ._registry import register_leaf_function, register_leaf_module
+from .convert import ModelInspection, apply_plan, convert, inspect_model
+from .errors import ConversionError, PlanMismatchError, TraceError
+from .local_model import LocalModel
+from .plan import Plan
+from .schedule import depth_schedule, select_aux_units
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert",
+    "apply_plan",
+    "inspect_model",
+    "LocalModel",
+    "Plan",
+    "ModelInspection",
+    "depth_schedule",
+    "select_aux_units",
+    "register_leaf_module",
+    "register_leaf_function",
+    "ConversionError",
+    "TraceError",
+    "PlanMismatchError",
+    "__version__",
+]

@@ -1,0 +1,79 @@
+"""Step 5 of the pipeline: choose the K-1 cut positions that split the units into K local layers.
+
+- ``K == L`` (units): one unit per layer.
+- ``K < L``: contiguous groups of units whose largest total FLOPs is as small as possible (linear partition).
+- ``K > L``: every unit boundary plus valid cuts inside the units, splitting the most expensive piece first at
+  its most balanced inner cut.
+The head always joins the last layer, so cuts lie strictly before the head.
+
+Example::
+
+    balanced_cuts(unit_bounds=[0, 3, 9, 12], flops=[10, 30, 10], layers=2)    # -> [3] or [9]
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from .errors import ConversionError
+
+__all__ = ["group_units", "refine_cuts"]
+
+
+def group_units(flops: Sequence[int], layers: int) -> List[int]:
+    """Indices ``i`` (1..L-1) of the units that start a new layer, balancing FLOPs over ``layers`` groups."""
+    n = len(flops)
+    if layers >= n:
+        return list(range(1, n))
+    prefix = [0]
+    for f in flops:
+        prefix.append(prefix[-1] + max(int(f), 1))
+    inf = float("inf")
+    # best[k][i]: smallest max-group cost splitting the first i units into k groups.
+    best = [[inf] * (n + 1) for _ in range(layers + 1)]
+    choice = [[0] * (n + 1) for _ in range(layers + 1)]
+    best[0][0] = 0
+    for k in range(1, layers + 1):
+        for i in range(k, n - (layers - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], choice[k][i] = cost, j
+    starts, i = [], n
+    for k in range(layers, 0, -1):
+        j = choice[k][i]
+        if k > 1:
+            starts.append(j)
+        i = j
+    return sorted(starts)
+
+
+def refine_cuts(
+    unit_cuts: Sequence[int], inner_cuts: Sequence[int], node_flops: Sequence[int], layers: int, *, head_start: int
+) -> List[int]:
+    """Add valid cuts inside units to ``unit_cuts`` until there are ``layers - 1`` cuts."""
+    cuts = sorted(set(unit_cuts))
+    available = sorted(set(inner_cuts) - set(cuts))
+    needed = layers - 1 - len(cuts)
+    if needed > len(available):
+        raise ConversionError(
+            f"layers={layers} is more than this model can be cut into: at most {len(cuts) + len(available) + 1} "
+            "local layers (one per valid cut point). Use fewer layers, or `auglocal inspect MODEL` to see the cut points."
+        )
+    prefix = [0]
+    for f in node_flops:
+        prefix.append(prefix[-1] + max(int(f), 1))
+    for _ in range(needed):
+        bounds = [0] + cuts + [head_start]
+        best = None
+        for s, e in zip(bounds, bounds[1:]):
+            inside = [c for c in available if s < c < e]
+            if not inside:
+                continue
+            cost = prefix[e] - prefix[s]
+            split = min(inside, key=lambda c: abs((prefix[c] - prefix[s]) - (prefix[e] - prefix[c])))
+            if best is None or cost > best[0]:
+                best = (cost, split)
+        cuts.append(best[1])
+        available.remove(best[1])
+        cuts.sort()
+    return cuts

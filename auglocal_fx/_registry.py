@@ -1,0 +1,87 @@
+"""Registries of modules that torch.fx must not trace through (they become single ``call_module`` nodes).
+
+Like timm's ``register_notrace_module``: a module class is kept whole when its ``forward`` has data-dependent
+control flow, or when it behaves differently in training and evaluation (``self.training`` branches would be
+frozen at trace time otherwise). timm's own notrace registries are consulted too.
+
+Example::
+
+    @auglocal_fx.register_leaf_module
+    class MyDynamicBlock(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:        # data-dependent: cannot be traced
+                ...
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Callable, FrozenSet, Set, Tuple, Type
+
+import torch.nn as nn
+
+__all__ = ["register_leaf_module", "get_leaf_modules", "register_leaf_function", "get_leaf_functions"]
+
+_leaf_modules: Set[Type[nn.Module]] = set()
+_leaf_functions: Set[Callable] = set()
+
+
+def register_leaf_module(module_class: Type[nn.Module]) -> Type[nn.Module]:
+    """Class decorator: auglocal-fx keeps instances of ``module_class`` as single graph nodes."""
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {module_class!r}")
+    _leaf_modules.add(module_class)
+    return module_class
+
+
+def register_leaf_function(fn: Callable) -> Callable:
+    """Decorator: calls of ``fn`` are recorded as one ``call_function`` node instead of being traced."""
+    _leaf_functions.add(fn)
+    return fn
+
+
+def _default_leaf_modules() -> Tuple[type, ...]:
+    import torchvision.ops
+
+    found = [torchvision.ops.StochasticDepth]
+    try:
+        import timm.layers
+
+        found.append(timm.layers.DropPath)
+        found.extend(timm.layers.get_notrace_modules())
+    except ImportError:  # timm is a dependency, but a partial install should still trace torchvision models
+        pass
+    return tuple(found)
+
+
+def get_leaf_modules() -> FrozenSet[type]:
+    """Module classes that are never traced through: registered ones, timm's notrace modules, stochastic depth."""
+    return frozenset(_leaf_modules).union(_default_leaf_modules())
+
+
+def get_leaf_functions() -> FrozenSet[Callable]:
+    """Functions recorded as single nodes: registered ones and timm's notrace functions."""
+    found: Set[Callable] = set(_leaf_functions)
+    try:
+        import timm.layers
+
+        found.update(timm.layers.get_notrace_functions())
+    except ImportError:
+        pass
+    return frozenset(found)
+
+
+@lru_cache(maxsize=None)
+def forward_reads_training_flag(module_class: type) -> bool:
+    """Whether ``module_class.forward`` branches on ``self.training``.
+
+    Such a module must stay a leaf: tracing would freeze the branch taken at trace time, so a traced
+    DropPath or BatchNormAct would behave the same in training and in evaluation.
+    """
+    if module_class.__module__.startswith("torch.nn"):
+        return False  # torch's own modules are leaves already
+    try:
+        source = inspect.getsource(module_class.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in source

@@ -1,0 +1,84 @@
+"""Step 2 of the pipeline: propagate an example input, recording shapes and FLOPs in ``node.meta``.
+
+:class:`ShapeFlopProp` is torch.fx's ``ShapeProp`` that also counts FLOPs with ``torch.utils.flop_counter``:
+after ``propagate`` every node carries ``meta["tensor_meta"]`` (a ``TensorMetadata``, or a structure of them
+for tuple outputs) and ``meta["flops"]`` (the FLOPs that node performed for the whole example batch).
+
+Example::
+
+    gm = torch.fx.symbolic_trace(model)
+    ShapeFlopProp(gm).propagate(torch.randn(2, 3, 224, 224))
+    [(n.name, n.meta["tensor_meta"].shape, n.meta["flops"]) for n in gm.graph.nodes if n.op == "call_module"]
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import ConversionError
+
+__all__ = ["ShapeFlopProp", "TensorMetadata", "is_tensor_meta", "total_flop_counter"]
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ModuleTracker: only totals are needed, and the tracker's autograd hooks
+    fail on modules whose inputs require grad under ``no_grad`` (timm's attention pooling)."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def total_flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that counts total FLOPs only (no per-module breakdown, no printing)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def is_tensor_meta(meta: Any) -> bool:
+    return isinstance(meta, TensorMetadata)
+
+
+class ShapeFlopProp(ShapeProp):
+    """ShapeProp that also writes ``node.meta["flops"]`` and reports failures as a readable ConversionError."""
+
+    def propagate(self, *args: Any) -> Any:
+        self._counter = total_flop_counter()
+        with torch.no_grad(), self._counter:
+            return fx.Interpreter.run(self, *args)
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self._counter.get_total_flops()
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception as exc:
+            raise ConversionError(
+                f"running the traced model on the example input failed at node {n.name!r} ({n.format_node()}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check input_size "
+                "(C, H, W) against what the model accepts."
+            ) from exc
+        n.meta["flops"] = int(self._counter.get_total_flops() - before)
+        found_tensor = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(obj, torch.Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
