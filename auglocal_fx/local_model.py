@@ -75,6 +75,13 @@ class LocalModel(nn.Module):
     def aux_parameters(self) -> List[nn.Parameter]:
         return list(self.aux.parameters())
 
+    def local_parameters(self, k: int) -> List[nn.Parameter]:
+        """Parameters trained by layer ``k``'s loss: the layer's own and its aux net's (the head's for the last)."""
+        params = list(self.layers[k].parameters())
+        if k < len(self.aux):
+            params += list(self.aux[k].parameters())
+        return params
+
     def parameter_groups(self) -> List[Dict]:
         """Backbone and aux parameters as optimizer parameter groups (each may get its own lr, decay...)."""
         return [{"name": "backbone", "params": self.backbone_parameters()}, {"name": "aux", "params": self.aux_parameters()}]
