@@ -2,6 +2,8 @@
 from ._registry import register_leaf_function, register_leaf_module
 from .convert import ModelInspection, apply_plan, convert, inspect_model
 from .errors import ConversionError, PlanMismatchError, TraceError
+from .hub import create_model
+from .io import ArtifactError, load, save
 from .local_model import LocalModel
 from .plan import Plan
 from .schedule import depth_schedule, select_aux_units
@@ -22,5 +24,9 @@ __all__ = [
     "ConversionError",
     "TraceError",
     "PlanMismatchError",
+    "ArtifactError",
+    "create_model",
+    "save",
+    "load",
     "__version__",
 ]

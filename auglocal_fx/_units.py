@@ -58,11 +58,20 @@ def _get_attr_tensor(gm: fx.GraphModule, target: str):
     return obj
 
 
+_HEAVY_FUNCTIONS = {
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear", "bilinear",
+    "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "embedding",
+}
+
+
 def is_heavy_node(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """A convolution, linear or embedding: a module with a >=2-D weight, or a function reading one."""
+    """A convolution, linear or embedding: a module with a >=2-D weight, or such a function reading one."""
     if node.op == "call_module":
         return any(p.dim() >= 2 for p in gm.get_submodule(node.target).parameters())
     if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name not in _HEAVY_FUNCTIONS:
+            return False  # adding a position embedding reads a >=2-D parameter but is not a layer
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 value = _get_attr_tensor(gm, arg.target)
@@ -113,6 +122,15 @@ class _BlockFinder:
                 return name
         return None
 
+    def layer_of(self, node: fx.Node) -> Optional[str]:
+        """The outermost non-container module around ``node`` holding one heavy layer (a conv-norm-act, a patch
+        merging): its light ops stay with its heavy op."""
+        for name in node_modules(node):
+            m = self.modules.get(name)
+            if name and m is not None and type(m) not in _CONTAINERS and self.heavy_count(name) >= 1:
+                return name
+        return None
+
 
 def _ancestors_between(outer: str, inner: str) -> List[str]:
     parts = inner.split(".")
@@ -133,18 +151,25 @@ def _is_pooled(meta) -> bool:
 class _Item:
     start: int
     end: int
-    block: Optional[str]
+    block: Optional[str]  # the block it belongs to
+    layer: Optional[str]  # else the single-layer module it belongs to
     heavy: bool
 
 
 def _items(cuts: GraphCuts, gm: fx.GraphModule, finder: _BlockFinder) -> List[_Item]:
+    """Consecutive nodes of one block, or of one single-layer module, or single loose nodes."""
     items: List[_Item] = []
     for i, node in enumerate(cuts.body):
         block = finder.block_of(node)
-        if block is not None and items and items[-1].block == block:
-            items[-1].end = i + 1
+        layer = finder.layer_of(node) if block is None else None
+        previous = items[-1] if items else None
+        if previous is not None and (
+            (block is not None and previous.block == block) or (layer is not None and previous.layer == layer)
+        ):
+            previous.end = i + 1
+            previous.heavy = previous.heavy or is_heavy_node(node, gm)
             continue
-        items.append(_Item(i, i + 1, block, block is not None or is_heavy_node(node, gm)))
+        items.append(_Item(i, i + 1, block, layer, block is not None or is_heavy_node(node, gm)))
     return items
 
 
@@ -210,15 +235,34 @@ def find_units(model: nn.Module, gm: fx.GraphModule, cuts: GraphCuts) -> Tuple[L
             merged[-1][2].append(b)
         else:
             merged.append([s, e, [b]])
+    spans = _module_spans(cuts.body)
     units = []
-    for s, e, blocks in merged:
-        segment = Segment(s, e)
-        segment.modules = _segment_modules(cuts.body[s:e])
-        named_blocks = [b for b in blocks if b]
-        segment.name = named_blocks[0] if len(named_blocks) == 1 and len(blocks) == 1 else _segment_name(segment.modules, cuts.body[s])
-        units.append(segment)
+    for s, e, _ in merged:
+        units.append(Segment(s, e, _segment_name(spans, s, e, cuts.body[s]), _segment_modules(cuts.body[s:e])))
     head.modules = _segment_modules(cuts.body[head_start:])
     return units, head
+
+
+def _module_spans(body: List[fx.Node]) -> Dict[str, Tuple[int, int]]:
+    """For every module the graph runs inside: the first and last body index of its nodes."""
+    spans: Dict[str, Tuple[int, int]] = {}
+    for i, node in enumerate(body):
+        for name in node_modules(node):
+            first, _ = spans.get(name, (i, i))
+            spans[name] = (first, i)
+    return spans
+
+
+def _segment_name(spans: Dict[str, Tuple[int, int]], start: int, end: int, first: fx.Node) -> str:
+    """The module a segment is exactly (``layer1.0``), else its first and last whole modules (``conv1..maxpool``)."""
+    inside = [name for name, (a, b) in spans.items() if start <= a and b < end]
+    outermost = [n for n in inside if not any(n.startswith(o + ".") for o in inside if o != n)]
+    outermost.sort(key=lambda n: spans[n][0])
+    if not outermost:
+        return first.name
+    if len(outermost) == 1:
+        return outermost[0]
+    return f"{outermost[0]}..{outermost[-1]}"
 
 
 def _segment_modules(nodes: List[fx.Node]) -> List[str]:
@@ -229,19 +273,3 @@ def _segment_modules(nodes: List[fx.Node]) -> List[str]:
         if names:
             seen.setdefault(names[-1], None)
     return list(seen)
-
-
-def _segment_name(modules: List[str], first: fx.Node) -> str:
-    if not modules:
-        return first.name
-    if len(modules) == 1:
-        return modules[0]
-    common = modules[0].split(".")
-    for name in modules[1:]:
-        parts = name.split(".")
-        k = 0
-        while k < min(len(common), len(parts)) and common[k] == parts[k]:
-            k += 1
-        common = common[:k]
-    prefix = ".".join(common)
-    return prefix if prefix else f"{modules[0]}..{modules[-1]}"

@@ -429,7 +429,8 @@ def convert(
 def apply_plan(model: nn.Module, plan: Plan) -> LocalModel:
     """Re-trace ``model`` and rebuild the LocalModel a saved ``plan`` describes; refuse if they do not match."""
     config = plan.config
-    analysis = _analyze(model, input_size=config["input_size"], leaf_modules=plan.trace.get("leaf_modules") or None)
+    leaves = list(config.get("leaf_modules") or []) + list(plan.trace.get("leaf_modules") or [])
+    analysis = _analyze(model, input_size=config["input_size"], leaf_modules=leaves or None)
     rebuilt = _make_plan(
         analysis,
         layers=config["layers"],
