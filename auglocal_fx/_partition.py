@@ -70,7 +70,14 @@ def refine_cuts(
             if not inside:
                 continue
             cost = prefix[e] - prefix[s]
-            split = min(inside, key=lambda c: abs((prefix[c] - prefix[s]) - (prefix[e] - prefix[c])))
+            # Most balanced inner cut; a piece with no compute at all (a lone flatten) only as a last resort.
+            split = min(
+                inside,
+                key=lambda c: (
+                    min(prefix[c] - prefix[s] - (c - s), prefix[e] - prefix[c] - (e - c)) <= 0,
+                    abs((prefix[c] - prefix[s]) - (prefix[e] - prefix[c])),
+                ),
+            )
             if best is None or cost > best[0]:
                 best = (cost, split)
         cuts.append(best[1])

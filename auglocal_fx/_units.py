@@ -179,7 +179,8 @@ def _find_head_start(cuts: GraphCuts, items: List[_Item], gm: fx.GraphModule) ->
     unpooled = [p for p in valid if not _is_pooled(cuts.crossing[p].meta["tensor_meta"])]
     flat = [p for p in valid if len(cuts.crossing[p].meta["tensor_meta"].shape) <= 2]
     first_flat = flat[0] if flat else n_body
-    start = unpooled[-1] if unpooled else 0
+    # No feature map or token sequence at all (an MLP on flattened pixels): the head is the last layer alone.
+    start = unpooled[-1] if unpooled else n_body
     # Blocks that still work on (tiny) feature maps before the features are flattened are not head: a ResNet at
     # 32x32 pools to 1x1 inside layer4.
     for item in items:

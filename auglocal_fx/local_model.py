@@ -169,7 +169,11 @@ class LocalModel(nn.Module):
         return rows
 
     def summary(self) -> str:
-        return format_table(self.summary_rows(), title=_title(self.plan))
+        text = format_table(self.summary_rows(), title=_title(self.plan))
+        leaves = self.plan.trace.get("auto_leaves")
+        if leaves:
+            text += f"\nkept whole because torch.fx could not trace them: {', '.join(leaves)}"
+        return text
 
     def extra_repr(self) -> str:
         return f"layers={self.plan.num_layers}, units={self.plan.num_units}"
