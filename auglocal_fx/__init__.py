@@ -7,6 +7,7 @@ from .io import ArtifactError, load, save
 from .local_model import LocalModel
 from .plan import Plan
 from .schedule import depth_schedule, select_aux_units
+from .train import train
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,6 @@ __all__ = [
     "create_model",
     "save",
     "load",
+    "train",
     "__version__",
 ]

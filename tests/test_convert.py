@@ -286,3 +286,23 @@ def test_bad_models_explain_themselves():
         auglocal_fx.convert(FeatureExtractor(), layers=2, input_size=(3, 16, 16))
     with pytest.raises(ConversionError, match="one logits tensor"):
         auglocal_fx.convert(TwoOutputs(), layers=2, input_size=(3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "name, layers, depth, checks",
+    [
+        ("resnet32", 16, 2, {0: [8, 15], 3: [9, 15], 13: [14, 15], 14: [15]}),
+        ("resnet110", 55, 3, {0: [18, 36, 54], 26: [35, 45, 54], 27: [40, 54], 53: [54]}),
+    ],
+)
+def test_paper_cifar_resnets_reproduce_reference_aux_nets(name, layers, depth, checks):
+    from auglocal_fx.models import create_registered_model
+
+    lm = auglocal_fx.convert(create_registered_model(name), layers=layers, aux_depth=depth, pyramid=0.5,
+                             input_size=(3, 32, 32))
+    plan = lm.plan
+    assert plan.num_units == layers and all(len(layer.units) == 1 for layer in plan.layers)
+    assert [a.depth for a in plan.aux] == auglocal_fx.depth_schedule(layers, depth, 0.5)
+    for layer, units in checks.items():
+        assert plan.aux[layer].units == units
+    assert plan.head.modules == ["avgpool", "fc"]

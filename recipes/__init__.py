@@ -1,0 +1,1 @@
+"""Training recipes shipped with auglocal-fx (YAML files; see docs/training.md)."""
