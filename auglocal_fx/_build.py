@@ -30,20 +30,110 @@ __all__ = ["segment_module", "AuxNet", "reinitialize"]
 
 
 def segment_module(root: nn.Module, cuts: GraphCuts, start: int, end: int, *, class_name: str) -> fx.GraphModule:
-    """The nodes ``body[start:end]`` as a GraphModule over ``root``'s own submodules and parameters."""
+    """The nodes ``body[start:end]`` as a GraphModule over ``root``'s own submodules and parameters.
+
+    Static values made before ``start`` (see ``_cuts``) are recomputed here. Where one reads the size of an
+    activation of an earlier layer, that size is fixed to its value at the example input, and the module checks
+    that its input has the example's per-sample shape.
+    """
     body = cuts.body
     value_in = cuts.crossing[start]
     value_out = cuts.crossing[end] if end < len(body) else cuts.output_value
     graph = fx.Graph()
-    env = {value_in: graph.placeholder(value_in.name if value_in.op != "placeholder" else "x")}
+    placeholder = graph.placeholder(value_in.name if value_in.op != "placeholder" else "x")
+    env = {value_in: placeholder}
+    guarded = []
+    batch_size = _batch_of(cuts.input_node)
+
+    def materialize(node: fx.Node):
+        if node in env:
+            return env[node]
+        source = node.args[0] if node.args else None
+        if (
+            _is_metadata_read(node) and isinstance(source, fx.Node) and source not in env
+            and source.op != "get_attr" and source not in cuts.static
+        ):
+            # A metadata read of an activation this module does not see: its value at the example input.
+            if not guarded:
+                expected = tuple(value_in.meta["tensor_meta"].shape[1:])
+                guarded.append(graph.call_function(check_input_shape, (placeholder, expected, class_name)))
+            env[node] = _example_metadata(node, source, placeholder, graph, batch_size)
+            return env[node]
+        for arg in node.all_input_nodes:
+            materialize(arg)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        return env[node]
+
     for node in body[start:end]:
         for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and arg not in env:
-                env[arg] = graph.node_copy(arg)
+            if arg not in env and (arg.op == "get_attr" or arg in cuts.static):
+                materialize(arg)
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[value_out])
     graph.lint()
     return fx.GraphModule(root, graph, class_name=class_name)
+
+
+def check_input_shape(x: torch.Tensor, expected: tuple, layer: str) -> None:
+    """Raise unless ``x`` has the per-sample shape a layer with fixed sizes was built for."""
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"{layer} was built for inputs of per-sample shape {tuple(expected)} and got {tuple(x.shape[1:])}: it "
+            "recomputes values derived from activation sizes (rotary or relative position tables) at the sizes of the "
+            "conversion's input_size. Convert with input_size equal to the size of the images you feed."
+        )
+
+
+def _is_metadata_read(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in (
+        "shape", "ndim", "dtype", "device")
+
+
+def _batch_of(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return int(meta.shape[0]) if meta is not None and len(meta.shape) else None
+
+
+def batch_first_shape(batch: int, rest: tuple) -> torch.Size:
+    """``torch.Size((batch, *rest))``: an activation's shape rebuilt from this layer's own batch size."""
+    return torch.Size((batch,) + tuple(rest))
+
+
+def _example_metadata(node: fx.Node, source: fx.Node, placeholder: fx.Node, graph: fx.Graph, batch_size):
+    """The value of ``node`` (``x.shape``, ``x.size(d)``, ``x.dim()``, ``x.ndim``, ``x.dtype``, ``x.device``) at the
+    example input, as a constant, except what varies with the batch: the batch size and the device are read
+    from this module's own input (whose first dimension is the batch, see ``_cuts.classify_values``)."""
+    meta = source.meta["tensor_meta"]
+    shape = tuple(int(v) for v in meta.shape)
+    batched = bool(shape) and batch_size is not None and shape[0] == batch_size
+
+    def whole():
+        if not batched:
+            return torch.Size(shape)
+        size0 = graph.call_method("size", (placeholder, 0))
+        return graph.call_function(batch_first_shape, (size0, shape[1:]))
+
+    if node.op == "call_method" and node.target == "size":
+        if len(node.args) == 1:
+            return whole()
+        dim = node.args[1] + len(shape) if node.args[1] < 0 else node.args[1]
+        if dim == 0 and batched:
+            return graph.call_method("size", (placeholder, 0))
+        return shape[dim]
+    if node.op == "call_method" and node.target == "dim":
+        return len(shape)
+    attr = node.args[1]
+    if attr == "shape":
+        return whole()
+    if attr == "ndim":
+        return len(shape)
+    if attr == "dtype":
+        return meta.dtype
+    if attr == "device":
+        return graph.call_function(getattr, (placeholder, "device"))
+    raise AssertionError(f"not a metadata read: {node.format_node()}")
 
 
 def reinitialize(module: nn.Module) -> None:

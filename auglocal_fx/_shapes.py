@@ -49,6 +49,35 @@ def is_tensor_meta(meta: Any) -> bool:
     return isinstance(meta, TensorMetadata)
 
 
+def _snapshot_state(root: torch.nn.Module) -> list:
+    """Every module's attributes, with a shallow copy of the dicts and lists among them (caches mutated in place)."""
+    saved = []
+    for module in root.modules():
+        attrs = dict(module.__dict__)
+        contents = {k: (v.copy() if isinstance(v, dict) else list(v)) for k, v in attrs.items() if isinstance(v, (dict, list))}
+        saved.append((module, attrs, contents))
+    return saved
+
+
+def _restore_state(saved: list) -> None:
+    """Undo any attribute a forward pass assigned, added or mutated in place since :func:`_snapshot_state`."""
+    for module, attrs, contents in saved:
+        state = module.__dict__
+        for key in [k for k in state if k not in attrs]:
+            del state[key]
+        for key, value in attrs.items():
+            if state.get(key) is not value:
+                state[key] = value
+        for key, items in contents.items():
+            value = attrs[key]
+            if isinstance(value, dict):
+                if value.keys() != items.keys() or any(value[k] is not items[k] for k in items):
+                    value.clear()
+                    value.update(items)
+            elif len(value) != len(items) or any(a is not b for a, b in zip(value, items)):
+                value[:] = items
+
+
 class ShapeFlopProp(ShapeProp):
     """ShapeProp that also writes ``node.meta["flops"]`` and reports failures as a readable ConversionError."""
 
@@ -57,10 +86,15 @@ class ShapeFlopProp(ShapeProp):
         # memory: ~15x faster for resnet50). Anything fake tensors cannot run (data-dependent ops in a leaf
         # module, an op without a meta kernel, a bad input size) is run again on the real example, which gives
         # the same metadata or the same readable ConversionError as before.
+        # Modules that cache tensors in forward (convit's rel_indices, levit's attention_bias_cache) would keep
+        # fake tensors: whatever the fake run assigns to any module is undone.
+        saved = _snapshot_state(self.module)
         try:
             return self._propagate(args, fake=True)
         except Exception:
             pass
+        finally:
+            _restore_state(saved)
         return self._propagate(args, fake=False)
 
     def _propagate(self, args: Any, *, fake: bool) -> Any:

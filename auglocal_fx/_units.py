@@ -95,18 +95,20 @@ class _BlockFinder:
     def __init__(self, model: nn.Module):
         self.model = model
         self.modules = dict(model.named_modules())
+        # Per-instance caches: an lru_cache on the methods would be shared by the class and keep every finder,
+        # and with it every analysed model copy, alive forever.
+        self.heavy_count = lru_cache(maxsize=None)(self._heavy_count)
+        self.is_candidate = lru_cache(maxsize=None)(self._is_candidate)
+        self.holds_repeated_blocks = lru_cache(maxsize=None)(self._holds_repeated_blocks)
 
-    @lru_cache(maxsize=None)
-    def heavy_count(self, name: str) -> int:
+    def _heavy_count(self, name: str) -> int:
         return sum(1 for m in self.modules[name].modules() if _is_heavy_module(m))
 
-    @lru_cache(maxsize=None)
-    def is_candidate(self, name: str) -> bool:
+    def _is_candidate(self, name: str) -> bool:
         m = self.modules.get(name)
         return bool(name) and m is not None and type(m) not in _CONTAINERS and self.heavy_count(name) >= 2
 
-    @lru_cache(maxsize=None)
-    def holds_repeated_blocks(self, name: str) -> bool:
+    def _holds_repeated_blocks(self, name: str) -> bool:
         """A stage: it contains two or more candidate blocks of one class, with no candidate between them and it."""
         prefix = name + "."
         inner = [
@@ -201,11 +203,24 @@ def find_units(model: nn.Module, gm: fx.GraphModule, cuts: GraphCuts) -> Tuple[L
     items = _items(cuts, gm, finder)
     head_start = _find_head_start(cuts, items, gm)
     head = Segment(head_start, n_body, "head")
+    heavy_at = [i for i, n in enumerate(cuts.body) if is_heavy_node(n, gm)]
+    if len(heavy_at) >= 2 and not any(heavy_at[0] < p <= heavy_at[-1] for p in cuts.valid):
+        raise ConversionError(
+            f"{type(model).__name__} cannot be cut into local layers: between its first and its last weighted "
+            "layer there is no point where exactly one tensor is live (parallel streams that only meet at the "
+            "output, like CrossViT's two token streams). auglocal-fx cuts where one tensor crosses; change the "
+            "model so that the streams are merged into one tensor between blocks."
+        )
     if not any(is_heavy_node(n, gm) for n in cuts.body[head_start:]):
+        several = (
+            " If it has one, the head reads more than one tensor (a multi-scale head fed by every stage, like "
+            "EfficientViM's): the graph can then only be cut before the first of them."
+            if heavy_at and head_start > heavy_at[-1] else ""
+        )
         raise ConversionError(
             f"{type(model).__name__} has no classifier head: nothing after its last feature map has weights "
             "(expected global pooling followed by a linear classifier). auglocal-fx trains classifiers; add a "
-            "head, or pass a model created with num_classes > 0."
+            "head, or pass a model created with num_classes > 0." + several
         )
     if head_start == 0:
         raise ConversionError(

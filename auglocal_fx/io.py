@@ -22,6 +22,8 @@ Example::
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import hashlib
 import json
 import os
@@ -455,6 +457,10 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
         problems.append(f"different shape or dtype: {_preview(shapes)}")
     if problems:
         raise ArtifactError(f"{path} does not match its plan ({what}: " + "; ".join(problems) + ")" + note)
+    # safetensors keeps tensors only; modules that check their state_dict version (torchvision's MNASNet) need
+    # the version metadata a state_dict of this very architecture carries.
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     module.load_state_dict(state, strict=True)
 
 
