@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -211,17 +212,16 @@ def _modules_in(analysis: _Analysis, start: int, end: int) -> List[str]:
     return list(seen)
 
 
-_ADAPTER_SPECS: Dict[Tuple[Tuple[int, ...], Tuple[int, ...], float], AdapterSpec] = {}
-
-
 def _adapter_spec(in_shape: List[int], out_shape: List[int], aspect: float) -> AdapterSpec:
-    # Pure in its arguments, and building the adapter on the meta device to count its FLOPs costs ~15 ms: memoised
-    # (a resnet50 K=17 plan asks for 32 adapters of 6 shapes). Each caller gets its own copy.
-    key = (tuple(in_shape), tuple(out_shape), float(aspect))
-    if key not in _ADAPTER_SPECS:
-        _ADAPTER_SPECS[key] = _make_adapter_spec(in_shape, out_shape, aspect)
-    spec = _ADAPTER_SPECS[key]
+    # Building the adapter on the meta device to count its FLOPs costs ~15 ms and a resnet50 K=17 plan asks for
+    # 32 adapters of 6 shapes: memoised on the (hashable) shapes; each caller gets its own copy.
+    spec = _cached_adapter_spec(tuple(in_shape), tuple(out_shape), float(aspect))
     return dataclasses.replace(spec, in_shape=list(spec.in_shape), out_shape=list(spec.out_shape))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_adapter_spec(in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], aspect: float) -> AdapterSpec:
+    return _make_adapter_spec(list(in_shape), list(out_shape), aspect)
 
 
 def _make_adapter_spec(in_shape: List[int], out_shape: List[int], aspect: float) -> AdapterSpec:
