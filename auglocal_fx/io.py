@@ -22,20 +22,21 @@ Example::
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import struct
+from collections import OrderedDict
 from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from ._fsync import fsync_path
 
 __all__ = [
     "save",
@@ -166,7 +167,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata
         import safetensors.torch
 
         safetensors.torch.save_file(dict(tensors), str(path), metadata=dict(metadata))
-        _fsync_path(path)
+        fsync_path(path)
         return _sha256(path)
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -193,21 +194,6 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    # Directories need an fsync too, or a crash can lose the rename even though the file data is on disk.
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(str(path), flags)
-    except OSError:
-        return  # some platforms cannot open folders; the file fsyncs still happened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -311,12 +297,12 @@ def save(
             },
         }
         _write_json(staging / MANIFEST_FILE, doc)
-        _fsync_path(staging)
+        fsync_path(staging)
         _install(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    _fsync_path(directory.parent)
+    fsync_path(directory.parent)
     return directory
 
 
@@ -336,11 +322,11 @@ def _install(staging: Path, directory: Path) -> None:
         os.rename(staging / WEIGHTS_FILE, new_weights)
         os.rename(staging / MANIFEST_FILE, new_manifest)
         (directory / MANIFEST_FILE).unlink()
-        _fsync_path(directory)
+        fsync_path(directory)
         os.replace(new_weights, directory / WEIGHTS_FILE)
-        _fsync_path(directory)
+        fsync_path(directory)
         os.replace(new_manifest, directory / MANIFEST_FILE)
-        _fsync_path(directory)
+        fsync_path(directory)
     finally:
         for leftover in (new_weights, new_manifest):
             if leftover.exists():
@@ -548,5 +534,5 @@ def export_backbone(directory: PathLike, output_file: PathLike, *, overwrite: bo
     finally:
         if staging.exists():
             staging.unlink()
-    _fsync_path(output_file.parent)
+    fsync_path(output_file.parent)
     return output_file

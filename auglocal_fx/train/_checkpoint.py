@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from .._fsync import fsync_path
+
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_VERSION = 1
@@ -82,24 +84,11 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> Path:
             os.fsync(f.fileno())
         with _signals_deferred():
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: Union[str, Path], *, map_location: Optional[Union[str, torch.device]] = "cpu") -> Dict[str, Any]:
