@@ -64,12 +64,24 @@ def segment_module(root: nn.Module, cuts: GraphCuts, start: int, end: int, *, cl
         env[node] = graph.node_copy(node, lambda n: env[n])
         return env[node]
 
+    keep = {placeholder}
     for node in body[start:end]:
         for arg in node.all_input_nodes:
             if arg not in env and (arg.op == "get_attr" or arg in cuts.static):
                 materialize(arg)
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[value_out])
+        if node not in cuts.static:
+            keep.add(env[node])
+    keep.add(graph.output(env[value_out]))
+    keep.update(guarded)
+    # Static values this module computes but does not use (the layers that read them recompute them): dropped,
+    # so that no parameter sits in a module without taking part in its output (an aux net's unit would never
+    # give it a gradient).
+    unused = [n for n in graph.nodes if n not in keep and not n.users]
+    while unused:
+        for n in unused:
+            graph.erase_node(n)
+        unused = [n for n in graph.nodes if n not in keep and not n.users]
     graph.lint()
     return fx.GraphModule(root, graph, class_name=class_name)
 
