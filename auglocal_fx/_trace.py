@@ -20,7 +20,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

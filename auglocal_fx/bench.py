@@ -165,10 +165,16 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     """Make glibc serve every allocation above ``nbytes`` with its own mmap, returned to the OS when freed
     (as ``MALLOC_MMAP_THRESHOLD_=131072`` would). By default glibc raises that threshold up to 32 MiB as large
     blocks are freed and then keeps freed memory resident, so a step's RSS would also count allocator caching
-    (measured here: +25% over the live tensors for BP, +60% for AugLocal on resnet50 at batch 8). Irreversible for
-    the process: called by the memory probe, after the timed steps."""
+    (measured here: +25% over the live tensors for BP, +60% for AugLocal on resnet50 at batch 8). Called by the memory
+    probe, after the timed steps; :func:`unpin_mmap_threshold` then sets the threshold to 32 MiB, where glibc's
+    dynamic threshold settles during training (the dynamic mode itself cannot be switched back on)."""
     libc = _libc()
     return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def unpin_mmap_threshold() -> bool:
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, 32 * MiB))
 
 
 def release_free_memory() -> None:
@@ -231,10 +237,13 @@ class _PeakWindow:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.increase = max(0, peak - self._base)
             self.process_peak = peak
-        elif self.available:
-            hwm = _status_bytes("VmHWM")
-            self.increase = max(0, hwm - self._base) if hwm is not None else None
-            self.process_peak = hwm
+        else:
+            if self.available:
+                hwm = _status_bytes("VmHWM")
+                self.increase = max(0, hwm - self._base) if hwm is not None else None
+                self.process_peak = hwm
+            if self.allocator_pinned:
+                unpin_mmap_threshold()
 
 
 # ------------------------------------------------------------------------------------------------ step tracker

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import click
 
@@ -104,8 +104,6 @@ def zoo_command(
         label = f"{result.source} {result.name}" + (f" ({result.family})" if result.source == "timm" and result.family else "")
         if result.status == "fail":
             status = f"[red]FAIL[/red] {result.failed_step}: {_escape(result.reason or '')}"
-        elif result.status == "partial":
-            status = "[yellow]partial[/yellow] skipped " + ", ".join(f"{k} ({v})" for k, v in result.skipped.items())
         else:
             status = "[green]pass[/green]"
         console.print(f"[{index + 1:>{width}}/{total}] {_escape(label)}  {status}  {result.seconds:.1f} s", soft_wrap=True)
