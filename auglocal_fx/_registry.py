@@ -14,7 +14,9 @@ Example::
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from functools import lru_cache
 from typing import Callable, FrozenSet, Set, Tuple, Type
 
@@ -40,17 +42,29 @@ def register_leaf_function(fn: Callable) -> Callable:
     return fn
 
 
+def _timm_layers():
+    """``timm.layers`` if timm has been imported, else None.
+
+    A model that contains timm modules or calls timm functions was built after timm was imported, so when it is
+    not in ``sys.modules`` its registries have nothing to say; importing timm (about 0.5 s) would only slow down
+    the first conversion of every other model.
+    """
+    if "timm" not in sys.modules:
+        return None
+    try:
+        return importlib.import_module("timm.layers")
+    except ImportError:  # a partial install: trace without timm's registries
+        return None
+
+
 def _default_leaf_modules() -> Tuple[type, ...]:
     import torchvision.ops
 
     found = [torchvision.ops.StochasticDepth]
-    try:
-        import timm.layers
-
-        found.append(timm.layers.DropPath)
-        found.extend(timm.layers.get_notrace_modules())
-    except ImportError:  # timm is a dependency, but a partial install should still trace torchvision models
-        pass
+    timm_layers = _timm_layers()
+    if timm_layers is not None:
+        found.append(timm_layers.DropPath)
+        found.extend(timm_layers.get_notrace_modules())
     return tuple(found)
 
 
@@ -62,12 +76,9 @@ def get_leaf_modules() -> FrozenSet[type]:
 def get_leaf_functions() -> FrozenSet[Callable]:
     """Functions recorded as single nodes: registered ones and timm's notrace functions."""
     found: Set[Callable] = set(_leaf_functions)
-    try:
-        import timm.layers
-
-        found.update(timm.layers.get_notrace_functions())
-    except ImportError:
-        pass
+    timm_layers = _timm_layers()
+    if timm_layers is not None:
+        found.update(timm_layers.get_notrace_functions())
     return frozenset(found)
 
 

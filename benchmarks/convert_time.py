@@ -49,7 +49,7 @@ out = {"model": name, "layers": layers, "params": sum(p.numel() for p in model.p
 times, cpu = [], []
 for i in range(repeats + 1):
     if baseline:
-        conv._ADAPTER_SPECS.clear()
+        conv._cached_adapter_spec.cache_clear()
     c0, t0 = time.process_time(), time.perf_counter()
     lm = auglocal_fx.convert(model, layers=layers)
     times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
@@ -86,6 +86,8 @@ def main() -> None:
           f"{r50['median_s']:.2f} s wall / {r50['median_cpu_s']:.2f} s CPU", flush=True)
     if args.baseline:
         base = run_child("resnet50", "17", repeats=3, baseline=True)
+        if "error" in base:
+            raise SystemExit(f"baseline run failed: {base['error']}")
         doc["resnet50_k17_baseline"] = base
         print(f"resnet50 K=17 baseline (before issue 6): first {base['first_s']:.2f} s, median {base['median_s']:.2f} s "
               f"wall / {base['median_cpu_s']:.2f} s CPU", flush=True)

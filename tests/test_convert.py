@@ -305,3 +305,19 @@ def test_paper_cifar_resnets_reproduce_reference_aux_nets(name, layers, depth, c
     for layer, units in checks.items():
         assert plan.aux[layer].units == units
     assert plan.head.modules == ["avgpool", "fc"]
+
+
+def test_torchvision_model_converts_without_importing_timm():
+    """timm's notrace registries are only read when timm is imported: a model built without timm cannot contain its
+    modules, and importing it would add about half a second to the first conversion."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torchvision, auglocal_fx\n"
+        "auglocal_fx.convert(torchvision.models.resnet18(), layers=3, input_size=(3, 64, 64))\n"
+        "print('timm imported' if 'timm' in sys.modules else 'timm not imported')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "timm not imported"
