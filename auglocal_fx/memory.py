@@ -33,6 +33,7 @@ class SavedTensorTracker:
     def __init__(self) -> None:
         self.current_bytes = 0
         self.peak_bytes = 0
+        self.largest_bytes = 0  # the largest single storage saved
         self._live: Dict[Tuple[str, int], List[int]] = {}
         self._hooks = None
 
@@ -45,16 +46,25 @@ class SavedTensorTracker:
             self.current_bytes -= entry[0]
             del self._live[key]
 
+    def _storage_key(self, tensor: torch.Tensor) -> Tuple[str, int]:
+        """What identifies the memory a saved tensor holds (views of one storage count once)."""
+        return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+    def saved(self, tensor: torch.Tensor) -> bool:
+        """Whether autograd currently holds ``tensor``'s storage for backward."""
+        return self._storage_key(tensor) in self._live
+
     def _pack(self, tensor: torch.Tensor):
         if tensor.is_leaf and tensor.requires_grad:  # a parameter: it stays in memory anyway
             return tensor
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
+        key = self._storage_key(tensor)
         entry = self._live.get(key)
         if entry is None:
-            self._live[key] = [storage.nbytes(), 1]
-            self.current_bytes += storage.nbytes()
+            nbytes = tensor.untyped_storage().nbytes()
+            self._live[key] = [nbytes, 1]
+            self.current_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+            self.largest_bytes = max(self.largest_bytes, nbytes)
         else:
             entry[1] += 1
         handle = _Saved(tensor)

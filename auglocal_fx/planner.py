@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -79,48 +78,12 @@ class Piece:
         return max(0.0, pair[0] + pair[1] * batch)
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
-    # The storage itself (its C++ object), not its address: fake tensors' storages all sit at address 0.
-    return tensor.untyped_storage()._cdata
-
-
 class _Probe(SavedTensorTracker):
-    """SavedTensorTracker keyed by storage identity (so fake tensors work too), remembering the largest storage."""
+    """SavedTensorTracker keyed by storage identity, so that fake tensors (whose storages all sit at address 0)
+    are told apart."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def _pack(self, tensor: torch.Tensor):
-        if tensor.is_leaf and tensor.requires_grad:  # a parameter
-            return tensor
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage._cdata)
-        entry = self._live.get(key)
-        if entry is None:
-            self._live[key] = [storage.nbytes(), 1]
-            self.current_bytes += storage.nbytes()
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-            self.largest = max(self.largest, storage.nbytes())
-        else:
-            entry[1] += 1
-        handle = _Handle(tensor)
-        weakref.finalize(handle, self._release, key)
-        return handle
-
-    @staticmethod
-    def _unpack(packed):
-        return packed.tensor if isinstance(packed, _Handle) else packed
-
-    def saved(self, tensor: torch.Tensor) -> bool:
-        return (str(tensor.device), _storage_key(tensor)) in self._live
-
-
-class _Handle:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    def _storage_key(self, tensor: torch.Tensor) -> Tuple[str, int]:
+        return str(tensor.device), tensor.untyped_storage()._cdata
 
 
 def _fit(values: Sequence[float], batches: Sequence[int]) -> Tuple[float, float]:
@@ -142,7 +105,7 @@ def _run_probe(module: nn.Module, in_shape: Sequence[int], dtype: torch.dtype, b
         out = module(x)
         if loss_classes is not None:
             out = F.cross_entropy(out, torch.zeros(b, dtype=torch.long, device=device))
-    return (probe.current_bytes, probe.largest, x.untyped_storage().nbytes() if x.dim() else 0,
+    return (probe.current_bytes, probe.largest_bytes, x.untyped_storage().nbytes() if x.dim() else 0,
             out.untyped_storage().nbytes(), probe.saved(x), probe.saved(out))
 
 

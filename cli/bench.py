@@ -8,44 +8,22 @@ from typing import Optional, Sequence, Tuple
 
 import click
 
+from ._options import option_callback, parse_input_size, parse_int_list
+
 __all__ = ["bench_command", "plan_command"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _input_size(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    from .main import parse_input_size
+def _parse_bytes(value: str) -> int:
+    from auglocal_fx.bench import parse_bytes  # imported when used: keeps `auglocal --help` fast
 
-    try:
-        return parse_input_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return parse_bytes(value)
 
 
-def _memory(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    from auglocal_fx.bench import parse_bytes
-
-    try:
-        return parse_bytes(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-
-def _int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        items = [int(v) for v in value.split(",") if v.strip()]
-        if not items or any(v < 1 for v in items):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"expected positive integers separated by commas, such as 2,4,8; got {value!r}",
-                                 ctx=ctx, param=param) from None
-    return items
+_input_size = option_callback(parse_input_size)
+_memory = option_callback(_parse_bytes)
+_int_list = option_callback(parse_int_list)
 
 
 def _resolve(ctx: click.Context, name: str) -> str:

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import click
 
 from ._errors import AuglocalGroup
+from ._options import option_callback, parse_cuts, parse_input_size
 
 __all__ = ["main", "parse_input_size", "parse_cuts"]
 
@@ -71,42 +72,8 @@ def main(debug: bool = False) -> None:
 # ------------------------------------------------------------------------------------------------ option parsing
 
 
-def parse_input_size(value: Optional[str]) -> Optional[Tuple[int, int, int]]:
-    """``"3,224,224"`` (or ``3x224x224``) -> ``(3, 224, 224)``; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.replace("x", ",").split(",")]
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) != 3 or any(d <= 0 for d in dims):
-        raise ValueError(f"expected C,H,W as three positive integers such as 3,224,224, got {value!r}")
-    return dims  # type: ignore[return-value]
-
-
-def parse_cuts(value: Optional[str]) -> Optional[List[str]]:
-    """``"layer1.2,layer3.5"`` -> ``["layer1.2", "layer3.5"]``."""
-    if value is None:
-        return None
-    cuts = [c.strip() for c in value.split(",")]
-    if not cuts or any(not c for c in cuts):
-        raise ValueError(f"expected comma-separated node names such as layer2,layer3, got {value!r}")
-    return cuts
-
-
-def _input_size_option(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    try:
-        return parse_input_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-
-def _cuts_option(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    try:
-        return parse_cuts(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+_input_size_option = option_callback(parse_input_size)
+_cuts_option = option_callback(parse_cuts)
 
 
 def _leaf_modules(values: Sequence[str]) -> Optional[List[str]]:

@@ -11,18 +11,12 @@ from typing import Optional, Tuple
 
 import click
 
+from ._options import option_callback, parse_input_size
+
 __all__ = ["zoo_command"]
 
 
-def _input_size(ctx: click.Context, param: click.Parameter, value: Optional[str]):
-    if value is None:
-        return None
-    from .main import parse_input_size
-
-    try:
-        return parse_input_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+_input_size = option_callback(parse_input_size)
 
 
 def _command_line() -> str:

@@ -90,3 +90,15 @@ class TwoOutputs(nn.Module):
     def forward(self, x):
         f = self.conv(x).mean((2, 3))
         return self.fc(f), f
+
+
+def tiny_net(num_classes: int = 5) -> nn.Sequential:
+    """Four conv-BN-ReLU blocks and a linear head: the benchmark's and the planner's smallest model."""
+
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    return nn.Sequential(
+        block(3, 8, 1), block(8, 16, 2), block(16, 16, 1), block(16, 32, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )

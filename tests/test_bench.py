@@ -8,6 +8,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 import auglocal_fx
+from _models import tiny_net
 from auglocal_fx.bench import (
     BenchConfig,
     LayerwiseOptimizer,
@@ -22,23 +23,7 @@ from auglocal_fx.bench import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two OpenMP threads spin-wait on each other (10-20x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_net(num_classes=5):
-    def block(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-    return nn.Sequential(
-        block(3, 8, 1), block(8, 16, 2), block(16, 16, 1), block(16, 32, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-    )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,31 +4,15 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from click.testing import CliRunner
 
 import auglocal_fx
+from _models import tiny_net
 from auglocal_fx.bench import BenchConfig, run_benchmark
 from auglocal_fx.planner import format_plan_report, plan_memory
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two OpenMP threads spin-wait on each other (10-20x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_net(num_classes=5):
-    def block(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-    return nn.Sequential(
-        block(3, 8, 1), block(8, 16, 2), block(16, 16, 1), block(16, 32, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
-    )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZE = (3, 32, 32)
