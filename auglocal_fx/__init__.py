@@ -1,5 +1,5 @@
 """auglocal-fx: turn any PyTorch vision model into an AugLocal supervised local learning model."""
-from ._registry import register_leaf_function, register_leaf_module
+from ._registry import register_leaf_function, register_leaf_module, register_size_function
 from .convert import ModelInspection, apply_plan, convert, inspect_model
 from .errors import ConversionError, PlanMismatchError, TraceError
 from .hub import create_model
@@ -22,6 +22,7 @@ __all__ = [
     "select_aux_units",
     "register_leaf_module",
     "register_leaf_function",
+    "register_size_function",
     "ConversionError",
     "TraceError",
     "PlanMismatchError",

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._adapters import ShapeAdapter
-from ._cuts import GraphCuts
+from ._cuts import GraphCuts, is_size_output
 from .plan import AdapterSpec
 
 __all__ = ["segment_module", "AuxNet", "reinitialize"]
@@ -97,6 +97,8 @@ def check_input_shape(x: torch.Tensor, expected: tuple, layer: str) -> None:
 
 
 def _is_metadata_read(node: fx.Node) -> bool:
+    if is_size_output(node):
+        return True
     if node.op == "call_method":
         return node.target in ("size", "dim")
     return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] in (
@@ -114,9 +116,11 @@ def batch_first_shape(batch: int, rest: tuple) -> torch.Size:
 
 
 def _example_metadata(node: fx.Node, source: fx.Node, placeholder: fx.Node, graph: fx.Graph, batch_size):
-    """The value of ``node`` (``x.shape``, ``x.size(d)``, ``x.dim()``, ``x.ndim``, ``x.dtype``, ``x.device``) at the
-    example input, as a constant, except what varies with the batch: the batch size and the device are read
+    """The value of ``node`` (``x.shape``, ``x.size(d)``, ``x.dim()``, ``x.ndim``, ``x.dtype``, ``x.device``, a size
+    output of a registered size function) at the example input, as a constant, except what varies with the batch: the batch size and the device are read
     from this module's own input (whose first dimension is the batch, see ``_cuts.classify_values``)."""
+    if is_size_output(node):
+        return copy.deepcopy(node.meta["value"])
     meta = source.meta["tensor_meta"]
     shape = tuple(int(v) for v in meta.shape)
     batched = bool(shape) and batch_size is not None and shape[0] == batch_size

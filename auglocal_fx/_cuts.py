@@ -8,8 +8,9 @@ into every layer that reads them (a ViT's class token and position embedding bel
 
 *Static* values never cross either: values computed from parameters, buffers, constants and the sizes of
 activations other than the batch size (a rotary position table built from the patch grid, a relative position
-index). A layer that reads one recomputes it, with the sizes fixed to those of the example input (see
-``_build.segment_module``). A value that depends on the batch size or on the activations' data is not static.
+index), and the size outputs of functions registered with ``register_size_function`` (the ``feat_size`` a
+pooling helper returns). A layer that reads one recomputes it, with the sizes fixed to those of the example input
+(see ``_build.segment_module``). A value that depends on the batch size or on the activations' data is not static.
 
 Example (torchvision resnet18)::
 
@@ -26,9 +27,10 @@ from typing import Dict, List, Set, Tuple
 import torch
 import torch.fx as fx
 
+from ._registry import get_size_outputs
 from ._shapes import is_tensor_meta
 
-__all__ = ["GraphCuts", "find_cuts", "static_values", "classify_values"]
+__all__ = ["GraphCuts", "find_cuts", "static_values", "classify_values", "is_size_output"]
 
 # Metadata of an activation that is fixed by the input size: reading it does not read the activation's data.
 _META_ATTRS = ("shape", "ndim", "dtype", "device")
@@ -99,6 +101,9 @@ def classify_values(nodes: List[fx.Node]) -> Tuple[Set[fx.Node], Set[fx.Node]]:
                     else:
                         kind[node] = "batch" if whole == "shape" else "data"
                     continue
+        if is_size_output(node):
+            kind[node] = "static"  # sizes a leaf function computed from its inputs' shapes (register_size_function)
+            continue
         if (
             node.op == "call_function" and node.target is operator.getitem and source is not None
             and kind.get(source) in ("shape", "shape_nb")
@@ -139,6 +144,18 @@ def classify_values(nodes: List[fx.Node]) -> Tuple[Set[fx.Node], Set[fx.Node]]:
     static = {n for n, k in kind.items() if k == "static" and n.op != "get_attr"}
     batched = {n for n, k in kind.items() if k == "batch"}
     return static, batched
+
+
+def is_size_output(node: fx.Node) -> bool:
+    """Whether ``node`` is ``fn(...)[i]`` for a function registered with ``register_size_function`` and ``i`` one
+    of its size outputs, with the value known at the example input."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return False
+    source, index = node.args
+    return (
+        isinstance(source, fx.Node) and source.op == "call_function" and isinstance(index, int)
+        and index in get_size_outputs(source.target) and "value" in node.meta
+    )
 
 
 def static_values(nodes: List[fx.Node]) -> Set[fx.Node]:

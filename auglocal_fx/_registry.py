@@ -18,14 +18,24 @@ import importlib
 import inspect
 import sys
 from functools import lru_cache
-from typing import Callable, FrozenSet, Set, Tuple, Type
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
-__all__ = ["register_leaf_module", "get_leaf_modules", "register_leaf_function", "get_leaf_functions"]
+__all__ = [
+    "register_leaf_module",
+    "get_leaf_modules",
+    "register_leaf_function",
+    "get_leaf_functions",
+    "register_size_function",
+    "get_size_outputs",
+]
 
 _leaf_modules: Set[Type[nn.Module]] = set()
 _leaf_functions: Set[Callable] = set()
+_size_functions: Dict[Callable, FrozenSet[int]] = {}
+# timm functions (module, name) whose listed outputs are sizes; read only when timm is imported (see _timm_layers).
+_TIMM_SIZE_FUNCTIONS = (("timm.models.mvitv2", "reshape_post_pool", (1,)),)
 
 
 def register_leaf_module(module_class: Type[nn.Module]) -> Type[nn.Module]:
@@ -40,6 +50,48 @@ def register_leaf_function(fn: Callable) -> Callable:
     """Decorator: calls of ``fn`` are recorded as one ``call_function`` node instead of being traced."""
     _leaf_functions.add(fn)
     return fn
+
+
+def register_size_function(fn: Optional[Callable] = None, *, outputs: Sequence[int] = (1,)):
+    """Declare that the leaf function ``fn`` returns a tuple whose items at ``outputs`` depend only on the sizes of
+    its tensor arguments, never on their values or batch size: the ``feat_size`` that a function returns next to
+    the tensor it reshapes. Those items then do not cross a cut: a layer that reads one gets its value at the
+    example input, and checks that its own input has the example's shape. Without this, such a value is data and
+    every block boundary that it crosses is not a valid cut. Use as ``@register_size_function`` (outputs (1,)) or
+    ``register_size_function(fn, outputs=(1, 2))``; ``fn`` must be a leaf function (registered with
+    :func:`register_leaf_function` or timm's ``register_notrace_function``).
+
+    Example::
+
+        @auglocal_fx.register_size_function
+        @auglocal_fx.register_leaf_function
+        def pool_tokens(x, size):
+            x = F.avg_pool2d(x.transpose(1, 2).unflatten(2, size), 2)
+            return x.flatten(2).transpose(1, 2), [x.shape[2], x.shape[3]]
+    """
+
+    def register(function: Callable) -> Callable:
+        indices = frozenset(int(i) for i in outputs)
+        if not callable(function) or not indices:
+            raise TypeError(
+                f"register_size_function expects a function and output indices, got {function!r}, {outputs!r}"
+            )
+        _size_functions[function] = indices
+        return function
+
+    return register(fn) if fn is not None else register
+
+
+def get_size_outputs(fn: Callable) -> FrozenSet[int]:
+    """The output indices of ``fn`` registered as sizes (empty when it is not a size function)."""
+    if fn in _size_functions:
+        return _size_functions[fn]
+    if _timm_layers() is not None:
+        for module_name, name, indices in _TIMM_SIZE_FUNCTIONS:
+            module = sys.modules.get(module_name)
+            if module is not None and getattr(module, name, None) is fn:
+                return frozenset(indices)
+    return frozenset()
 
 
 def _timm_layers():

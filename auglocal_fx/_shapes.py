@@ -2,7 +2,8 @@
 
 :class:`ShapeFlopProp` is torch.fx's ``ShapeProp`` that also counts FLOPs with ``torch.utils.flop_counter``:
 after ``propagate`` every node carries ``meta["tensor_meta"]`` (a ``TensorMetadata``, or a structure of them
-for tuple outputs) and ``meta["flops"]`` (the FLOPs that node performed for the whole example batch).
+for tuple outputs) and ``meta["flops"]`` (the FLOPs that node performed for the whole example batch). A node
+whose value is a plain number or a list of numbers (a size) carries that value in ``meta["value"]``.
 
 Example::
 
@@ -133,5 +134,14 @@ class ShapeFlopProp(ShapeProp):
         meta = map_aggregate(result, extract)
         if found_tensor:
             n.meta["tensor_meta"] = meta
+        elif _is_plain(result):
+            n.meta["value"] = result  # a size or a list of sizes: what a later layer may need as a constant
         n.meta["type"] = type(result)
         return result
+
+
+def _is_plain(value: Any) -> bool:
+    """Python numbers, or lists and tuples of them (no tensors, no SymInts)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return type(value) in (int, float, bool)

@@ -102,3 +102,54 @@ def tiny_net(num_classes: int = 5) -> nn.Sequential:
         block(3, 8, 1), block(8, 16, 2), block(16, 16, 1), block(16, 32, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
     )
+
+
+def _pool_tokens(x: torch.Tensor, size):
+    """(B, N, C) tokens on a ``size[0] x size[1]`` grid -> pooled 2x, and the new grid size (like timm MViTv2's
+    ``reshape_post_pool``)."""
+    grid = x.transpose(1, 2).unflatten(2, (size[0], size[1]))
+    grid = F.avg_pool2d(grid, 2)
+    return grid.flatten(2).transpose(1, 2), [grid.shape[2], grid.shape[3]]
+
+
+def pool_tokens_opaque(x: torch.Tensor, size):
+    """A leaf function: torch.fx records the call, so the grid size it returns is data unless declared a size."""
+    return _pool_tokens(x, size)
+
+
+def pool_tokens_sized(x: torch.Tensor, size):
+    """The same, to be registered as a size function (output 1 is the grid size)."""
+    return _pool_tokens(x, size)
+
+
+class PoolingBlock(nn.Module):
+    def __init__(self, dim: int, sized: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.sized = sized
+
+    def forward(self, x, size):
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        if self.sized:
+            return pool_tokens_sized(x, size)
+        return pool_tokens_opaque(x, size)
+
+
+class PoolingNet(nn.Module):
+    """Blocks that pass ``(tokens, grid_size)`` along, the grid size coming out of a leaf function (MViTv2)."""
+
+    def __init__(self, sized: bool, num_classes: int = 5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.blocks = nn.ModuleList([PoolingBlock(8, sized) for _ in range(3)])
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        size = [x.shape[2], x.shape[3]]
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x, size = block(x, size)
+        return self.head(x.mean(1))

@@ -321,3 +321,35 @@ def test_torchvision_model_converts_without_importing_timm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "timm not imported"
+
+
+def test_size_function_outputs_do_not_block_cuts():
+    """A grid size returned by a leaf function is data (it would cross every block boundary) unless the function
+    is registered with register_size_function; then each layer gets the example's value and checks its input."""
+    import _models
+
+    auglocal_fx.register_leaf_function(_models.pool_tokens_opaque)
+    auglocal_fx.register_leaf_function(_models.pool_tokens_sized)
+    auglocal_fx.register_size_function(_models.pool_tokens_sized, outputs=(1,))
+    size = (3, 32, 32)
+
+    opaque = auglocal_fx.inspect_model(_models.PoolingNet(sized=False), input_size=size)
+    assert len(opaque.units) < 4  # the blocks merge: the size crosses their boundaries next to the tokens
+
+    model = _models.PoolingNet(sized=True).eval()
+    inspection = auglocal_fx.inspect_model(model, input_size=size)
+    assert [u["name"] for u in inspection.units] == ["embed", "blocks.0", "blocks.1", "blocks.2"]
+    lm = auglocal_fx.convert(model, layers=4, input_size=size).eval()
+    for batch in (2, 3):
+        x = torch.randn(batch, *size)
+        with torch.no_grad():
+            assert torch.equal(lm(x), model(x))
+    lm.train().local_step(torch.randn(4, *size), torch.tensor([0, 1, 2, 3]))
+    assert [n for n, p in lm.named_parameters() if p.grad is None] == []
+    with pytest.raises(ValueError, match="per-sample shape"):
+        lm.eval()(torch.randn(2, 3, 64, 64))  # the sizes were fixed for 32x32 inputs: a clear error
+
+
+def test_register_size_function_rejects_bad_input():
+    with pytest.raises(TypeError, match="register_size_function"):
+        auglocal_fx.register_size_function(lambda x: x, outputs=())
