@@ -142,10 +142,6 @@ FEW_UNITS_NOTES: Dict[str, str] = {
                    "the only valid cuts are in the stem and before the head.",
     "timm:pnasnet": "PNASNet cells read the outputs of the two previous cells, so two tensors are live between cells: "
                     "the only valid cuts are in the stem and before the head.",
-    "timm:mvitv2": "MViTv2 blocks pass `(x, feat_size)` along, and `feat_size` comes out of timm's "
-                   "`reshape_post_pool` helper, a leaf function; unless that function is registered as a size "
-                   "function (`auglocal_fx.register_size_function`, done for it by default), `feat_size` is data "
-                   "and crosses every block boundary.",
 }
 _FEW_UNITS = 3
 
