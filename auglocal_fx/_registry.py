@@ -34,7 +34,7 @@ __all__ = [
 _leaf_modules: Set[Type[nn.Module]] = set()
 _leaf_functions: Set[Callable] = set()
 _size_functions: Dict[Callable, FrozenSet[int]] = {}
-# timm functions (module, name) whose listed outputs are sizes; read only when timm is imported (see _timm_layers).
+# timm functions (module, name) whose listed outputs are sizes; looked up only in modules already imported.
 _TIMM_SIZE_FUNCTIONS = (("timm.models.mvitv2", "reshape_post_pool", (1,)),)
 
 
@@ -86,11 +86,10 @@ def get_size_outputs(fn: Callable) -> FrozenSet[int]:
     """The output indices of ``fn`` registered as sizes (empty when it is not a size function)."""
     if fn in _size_functions:
         return _size_functions[fn]
-    if _timm_layers() is not None:
-        for module_name, name, indices in _TIMM_SIZE_FUNCTIONS:
-            module = sys.modules.get(module_name)
-            if module is not None and getattr(module, name, None) is fn:
-                return frozenset(indices)
+    for module_name, name, indices in _TIMM_SIZE_FUNCTIONS:
+        module = sys.modules.get(module_name)  # not imported: no model can call its function
+        if module is not None and getattr(module, name, None) is fn:
+            return frozenset(indices)
     return frozenset()
 
 
