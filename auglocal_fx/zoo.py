@@ -60,6 +60,8 @@ from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ._fsync import atomic_write_text
+
 __all__ = [
     "SOURCES",
     "STEPS",
@@ -255,7 +257,7 @@ def timm_param_counts(names: Sequence[str]) -> Dict[str, Optional[int]]:
         cache[n] = count_params_meta(n)
     if missing and path is not None:
         try:
-            _atomic_write(path, json.dumps(cache, indent=0, sort_keys=True))
+            atomic_write_text(path, json.dumps(cache, indent=0, sort_keys=True))
         except OSError:
             pass
     return {n: cache[n] for n in names}
@@ -820,19 +822,9 @@ def summarize(results: Sequence[ZooResult]) -> Dict[str, Dict[str, Any]]:
     return summary
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(report: Mapping[str, Any], path: Path) -> None:
     """Write the report atomically (a crash mid-write keeps the previous file)."""
-    _atomic_write(Path(path), json.dumps(report, indent=1, allow_nan=False, default=str) + "\n")
+    atomic_write_text(Path(path), json.dumps(report, indent=1, allow_nan=False, default=str) + "\n")
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -1219,4 +1211,4 @@ _HOW_TO_READ = [
 
 
 def write_markdown(report: Mapping[str, Any], path: Path, *, preamble: Optional[str] = None) -> None:
-    _atomic_write(Path(path), render_markdown(report, preamble=preamble))
+    atomic_write_text(Path(path), render_markdown(report, preamble=preamble))

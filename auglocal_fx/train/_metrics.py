@@ -6,9 +6,10 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from .._fsync import atomic_write_text
 
 __all__ = ["MetricsWriter", "flatten_record", "read_history"]
 
@@ -25,12 +26,6 @@ def flatten_record(record: Dict[str, Any]) -> Dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class MetricsWriter:
@@ -52,7 +47,7 @@ class MetricsWriter:
 
     def write(self, history: Sequence[Dict[str, Any]]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in history))
         rows = [flatten_record(r) for r in history]
         columns: List[str] = []
         for row in rows:
@@ -61,7 +56,7 @@ class MetricsWriter:
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        _write_text(self.csv_path, buf.getvalue())
+        atomic_write_text(self.csv_path, buf.getvalue())
         self._write_tensorboard(history)
 
     def _write_tensorboard(self, history: Sequence[Dict[str, Any]]) -> None:
