@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ._fsync import atomic_write_text
+from ._malloc import release_free_memory, set_mmap_threshold
 
 __all__ = [
     "SOURCES",
@@ -478,31 +479,18 @@ def _create(model: ZooModel, kwargs: Mapping[str, Any], seed: int):
         return create_model(model.qualified_name, pretrained=False, **dict(kwargs))
 
 
-def _libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return None
-
-
 def _tune_malloc() -> None:
     """In a worker: serve every allocation of 1 MiB or more with mmap, so freed weights go back to the system.
 
     glibc otherwise raises its mmap threshold after the first large free, and the copies a conversion makes and
     drops (the trace's model copy, the first LocalModel) stay in the heap: twice the memory on large models.
     """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    set_mmap_threshold(1 << 20)
 
 
 def _release_memory() -> None:
     gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    release_free_memory()
 
 
 def _example(size: Sequence[int], seed: int, batch: int = _BATCH):
