@@ -29,7 +29,6 @@ import secrets
 import shutil
 import struct
 from collections import OrderedDict
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -37,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ._fsync import fsync_path
+from ._versions import package_version
 
 __all__ = [
     "save",
@@ -65,22 +65,12 @@ class ArtifactError(ValueError):
     """An artifact folder cannot be written or read; the message names the file and what is wrong with it."""
 
 
-def _package_version(dist: str, module: str) -> Optional[str]:
-    try:
-        return _metadata.version(dist)
-    except _metadata.PackageNotFoundError:
-        try:
-            return getattr(__import__(module), "__version__", None)
-        except ImportError:
-            return None
-
-
 def _versions() -> Dict[str, Optional[str]]:
     return {
-        "auglocal_fx": _package_version("auglocal-fx", "auglocal_fx"),
+        "auglocal_fx": package_version("auglocal-fx", "auglocal_fx"),
         "torch": torch.__version__,
-        "torchvision": _package_version("torchvision", "torchvision"),
-        "timm": _package_version("timm", "timm"),
+        "torchvision": package_version("torchvision", "torchvision"),
+        "timm": package_version("timm", "timm"),
     }
 
 

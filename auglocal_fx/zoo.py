@@ -56,12 +56,12 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ._fsync import atomic_write_text
 from ._malloc import release_free_memory, set_mmap_threshold
+from ._versions import package_version
 
 __all__ = [
     "SOURCES",
@@ -236,9 +236,8 @@ def _cache_file() -> Optional[Path]:
     """Where parameter counts are cached, per timm version (building 1,400 models on meta takes minutes)."""
     if os.environ.get("AUGLOCAL_ZOO_CACHE", "1").strip() in ("0", "", "false", "no"):
         return None
-    try:
-        version = _metadata.version("timm")
-    except _metadata.PackageNotFoundError:
+    version = package_version("timm")
+    if version is None:
         return None
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "auglocal_fx" / f"zoo-timm-{version}-params.json"
@@ -757,18 +756,12 @@ def check_model(
 
 
 def _versions() -> Dict[str, Optional[str]]:
-    def version(dist: str) -> Optional[str]:
-        try:
-            return _metadata.version(dist)
-        except _metadata.PackageNotFoundError:
-            return None
-
     return {
         "python": sys.version.split()[0],
-        "torch": version("torch"),
-        "torchvision": version("torchvision"),
-        "timm": version("timm"),
-        "auglocal_fx": version("auglocal-fx"),
+        "torch": package_version("torch"),
+        "torchvision": package_version("torchvision"),
+        "timm": package_version("timm"),
+        "auglocal_fx": package_version("auglocal-fx", "auglocal_fx"),
     }
 
 

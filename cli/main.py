@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -19,6 +18,7 @@ import click
 
 from ._errors import AuglocalGroup
 from ._options import option_callback, parse_cuts, parse_input_size
+from .._versions import package_version
 
 __all__ = ["main", "parse_input_size", "parse_cuts"]
 
@@ -26,15 +26,7 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _dist_version(dist: str) -> str:
-    try:
-        return _metadata.version(dist)
-    except _metadata.PackageNotFoundError:
-        if dist == "auglocal-fx":  # running from a source tree that was not pip-installed
-            try:
-                return str(getattr(importlib.import_module("auglocal_fx"), "__version__", "unknown"))
-            except ImportError:
-                pass
-        return "not installed"
+    return package_version(dist, "auglocal_fx" if dist == "auglocal-fx" else None) or "not installed"
 
 
 def _print_version(ctx: click.Context, value: bool) -> None:
