@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -177,7 +178,56 @@ class AuxNet(nn.Module):
 
 
 def copy_module(module: nn.Module, *, fresh: bool) -> nn.Module:
+    """A deep copy for an aux net (re-initialised when ``fresh``) that never writes into its input."""
     clone = copy.deepcopy(module)
     if fresh:
         reinitialize(clone)
+    if isinstance(clone, fx.GraphModule):
+        copy_input_before_inplace_use(clone)
     return clone
+
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor})
+
+
+def _writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may modify its first argument in place (``relu(inplace=True)``, ``x += y``, ``x.add_(y)``)."""
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_function":
+        return node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS or (
+            getattr(node.target, "__name__", "").endswith("_") and not node.target.__name__.startswith("_"))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
+def copy_input_before_inplace_use(gm: fx.GraphModule) -> bool:
+    """Give ``gm`` a private copy of its input when one of its ops writes into that input in place.
+
+    In the model, a unit may begin with an in-place op (torchvision's ``ReLU(inplace=True)`` right after a cut
+    inside a block). Copied into an aux net behind another unit, the same op would write into that unit's output,
+    which its autograd graph saved for backward (an error at ``backward()``), or into the local layer's output
+    before the next layer reads it (a silent change). Every use of the input is then redirected to a clone, so the
+    values seen downstream are those of the original module. Returns whether a copy was inserted.
+
+    Example: a unit ``relu_1 = self.relu(add_7)`` with ``self.relu.inplace`` becomes
+    ``add_7_copy = add_7.clone(); relu_1 = self.relu(add_7_copy)``.
+    """
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    changed = False
+    for placeholder in inputs:
+        users = list(placeholder.users)
+        if not any(_writes_in_place(gm, user) and user.args and user.args[0] is placeholder for user in users):
+            continue
+        with graph.inserting_after(placeholder):
+            private = graph.call_method("clone", (placeholder,))
+        for user in users:
+            user.replace_input_with(placeholder, private)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed

@@ -12,25 +12,24 @@ Example::
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ._adapters import ShapeAdapter, infer_layout
-from ._build import AuxNet, copy_module, segment_module
+from ._build import segment_module
 from ._cuts import GraphCuts, find_cuts
 from ._partition import group_units, refine_cuts
-from ._shapes import ShapeFlopProp, is_tensor_meta, total_flop_counter
+from ._shapes import ShapeFlopProp, is_tensor_meta
 from ._trace import TracedModel, trace_model
 from ._units import Segment, find_units, node_modules
 from .errors import ConversionError, PlanMismatchError
 from .local_model import LocalModel
-from .plan import AdapterSpec, AuxSpec, HeadSpec, LayerSpec, Plan, UnitSpec
-from .schedule import depth_schedule, select_aux_units, validate_schedule_args
+from .plan import HeadSpec, LayerSpec, Plan, UnitSpec
+from .rules import BuildContext, PlanContext, Rule, get_rule
+from .schedule import validate_schedule_args
 from .summary import format_table
 
 __all__ = ["convert", "apply_plan", "inspect_model", "ModelInspection"]
@@ -212,35 +211,6 @@ def _modules_in(analysis: _Analysis, start: int, end: int) -> List[str]:
     return list(seen)
 
 
-def _adapter_spec(in_shape: List[int], out_shape: List[int], aspect: float) -> AdapterSpec:
-    # Building the adapter on the meta device to count its FLOPs costs ~15 ms and a resnet50 K=17 plan asks for
-    # 32 adapters of 6 shapes: memoised on the (hashable) shapes; each caller gets its own copy.
-    spec = _cached_adapter_spec(tuple(in_shape), tuple(out_shape), float(aspect))
-    return dataclasses.replace(spec, in_shape=list(spec.in_shape), out_shape=list(spec.out_shape))
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_adapter_spec(in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], aspect: float) -> AdapterSpec:
-    return _make_adapter_spec(list(in_shape), list(out_shape), aspect)
-
-
-def _make_adapter_spec(in_shape: List[int], out_shape: List[int], aspect: float) -> AdapterSpec:
-    in_layout, out_layout = infer_layout(in_shape, aspect), infer_layout(out_shape, aspect)
-    with torch.device("meta"):
-        adapter = ShapeAdapter(in_shape, out_shape, in_layout, out_layout)
-        counter = total_flop_counter()
-        with counter:
-            adapter.eval()(torch.empty(1, *in_shape))
-    return AdapterSpec(
-        in_shape=list(in_shape),
-        out_shape=list(out_shape),
-        in_layout=in_layout,
-        out_layout=out_layout,
-        params=sum(p.numel() for p in adapter.parameters()),
-        flops=int(counter.get_total_flops()),
-    )
-
-
 def _make_plan(
     analysis: _Analysis,
     *,
@@ -251,6 +221,8 @@ def _make_plan(
     cuts: Optional[Sequence[str]],
     leaf_modules: Optional[Sequence[Any]],
     source: Optional[Dict[str, Any]],
+    rule: Rule,
+    rule_options: Dict[str, Any],
 ) -> Plan:
     n_units = len(analysis.units)
     max_layers = len(analysis.inner_cuts) + 1
@@ -301,29 +273,6 @@ def _make_plan(
             )
         )
 
-    depths = depth_schedule(len(layer_specs), aux_depth, pyramid)
-    aspect = analysis.input_size[1] / analysis.input_size[2]
-    aux_specs = []
-    for spec, depth in zip(layer_specs[:-1], depths):
-        end_unit = spec.units[-1]
-        selected = select_aux_units(end_unit, len(units), depth)
-        adapters: List[Optional[AdapterSpec]] = []
-        current = units[end_unit].out_shape
-        for u in selected:
-            needed = units[u].in_shape
-            adapters.append(None if current == needed else _adapter_spec(current, needed, aspect))
-            current = units[u].out_shape
-        aux_specs.append(
-            AuxSpec(
-                layer=spec.index,
-                depth=depth,
-                units=selected,
-                adapters=adapters,
-                params=sum(units[u].params for u in selected) + sum(a.params for a in adapters if a) + head_spec.params,
-                flops=sum(units[u].flops for u in selected) + sum(a.flops for a in adapters if a) + head_spec.flops,
-            )
-        )
-
     config = {
         "layers": layers,
         "aux_depth": aux_depth,
@@ -332,7 +281,12 @@ def _make_plan(
         "input_size": list(analysis.input_size),
         "cuts": list(cuts) if cuts is not None else None,
         "leaf_modules": [_leaf_name(m) for m in leaf_modules or ()],
+        "rule": rule.name,
+        "rule_options": dict(rule_options),
     }
+    context = PlanContext(units=units, head=head_spec, layers=layer_specs, input_size=analysis.input_size,
+                          config=config, options=rule_options)
+    aux_specs = [rule.plan_aux(spec, context) for spec in layer_specs[:-1]]
     trace = {
         "leaf_modules": list(analysis.traced.leaf_names),
         "auto_leaves": list(analysis.traced.auto_leaves),
@@ -357,7 +311,6 @@ def _build(analysis: _Analysis, plan: Plan) -> LocalModel:
         segment_module(model, cuts, s, e, class_name=f"LocalLayer{k}")
         for k, (s, e) in enumerate(zip(layer_bounds, layer_bounds[1:]))
     ]
-    fresh = plan.config["aux_init"] == "fresh"
     unit_modules: Dict[int, nn.Module] = {}
 
     def unit_module(u: int) -> nn.Module:
@@ -366,15 +319,11 @@ def _build(analysis: _Analysis, plan: Plan) -> LocalModel:
             unit_modules[u] = segment_module(model, cuts, s, e, class_name=f"AuxUnit{u}")
         return unit_modules[u]
 
-    head_module = segment_module(model, cuts, head_start, len(cuts.body), class_name="Head")
-    aux = [
-        AuxNet(
-            [copy_module(unit_module(u), fresh=fresh) for u in spec.units],
-            spec.adapters,
-            copy_module(head_module, fresh=fresh),
-        )
-        for spec in plan.aux
-    ]
+    head_module = functools.lru_cache(maxsize=None)(
+        lambda: segment_module(model, cuts, head_start, len(cuts.body), class_name="Head"))
+    context = BuildContext(unit_module=unit_module, head_module=head_module, fresh=plan.config["aux_init"] == "fresh")
+    rule = get_rule(plan.config["rule"])
+    aux = [rule.build_aux(spec, context) for spec in plan.aux]
     local = LocalModel(layers, aux, plan, model)
     local.train(model.training)
     param = next(model.parameters(), None)
@@ -384,7 +333,8 @@ def _build(analysis: _Analysis, plan: Plan) -> LocalModel:
 
 
 # -- public API ---------------------------------------------------------------------------------------------
-def _check_options(layers: Any, aux_depth: Any, pyramid: Any, aux_init: Any) -> None:
+def _check_options(layers: Any, aux_depth: Any, pyramid: Any, aux_init: Any, rule: Any,
+                   rule_options: Any) -> Tuple[Rule, Dict[str, Any]]:
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ConversionError(f"layers must be an integer >= 1 (the number of local layers K), got {layers!r}")
     try:
@@ -393,6 +343,10 @@ def _check_options(layers: Any, aux_depth: Any, pyramid: Any, aux_init: Any) -> 
         raise ConversionError(str(exc)) from None
     if aux_init not in _AUX_INITS:
         raise ConversionError(f"aux_init must be one of {', '.join(_AUX_INITS)} (copy the units' weights or re-initialise them), got {aux_init!r}")
+    resolved = get_rule(rule)
+    if rule_options is not None and not isinstance(rule_options, Mapping):
+        raise ConversionError(f"rule_options must be a mapping of option names to values, got {rule_options!r}")
+    return resolved, resolved.resolve_options(rule_options)
 
 
 def convert(
@@ -406,8 +360,10 @@ def convert(
     cuts: Optional[Sequence[str]] = None,
     leaf_modules: Optional[Sequence[Any]] = None,
     source: Optional[Dict[str, Any]] = None,
+    rule: str = "auglocal",
+    rule_options: Optional[Mapping[str, Any]] = None,
 ) -> LocalModel:
-    """Turn an image classifier into a :class:`LocalModel` trained with AugLocal.
+    """Turn an image classifier into a :class:`LocalModel` trained with a local-learning rule (AugLocal by default).
 
     Args:
         model: any torch.fx-traceable classifier (timm, torchvision, your own). It is deep-copied: the caller's
@@ -423,8 +379,14 @@ def convert(
         leaf_modules: module classes, class names or qualified module names that tracing must keep whole.
         source: JSON-able description of how to rebuild ``model`` (for saving); defaults to what
             ``auglocal_fx.create_model`` recorded on the model.
+        rule: the local-learning rule that builds the aux nets and their losses: ``"auglocal"``, ``"dgl"``,
+            ``"predsim"``, ``"infopro"``, ``"greedy"`` or one added with :func:`auglocal_fx.register_rule`.
+            ``aux_depth``, ``pyramid`` and ``aux_init`` are AugLocal's settings; the other rules build fresh aux
+            nets from the shape of each layer's output.
+        rule_options: the rule's own options (e.g. the loss weights ``x1, x2, y1, y2``); the rest keep their
+            defaults (``auglocal_fx.get_rule(name).options``).
     """
-    _check_options(layers, aux_depth, pyramid, aux_init)
+    rule_impl, options = _check_options(layers, aux_depth, pyramid, aux_init, rule, rule_options)
     analysis = _analyze(model, input_size=input_size, leaf_modules=leaf_modules)
     source = source if source is not None else copy.deepcopy(getattr(model, "_auglocal_source", None))
     plan = _make_plan(
@@ -436,6 +398,8 @@ def convert(
         cuts=cuts,
         leaf_modules=leaf_modules,
         source=source,
+        rule=rule_impl,
+        rule_options=options,
     )
     return _build(analysis, plan)
 
@@ -454,6 +418,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> LocalModel:
         cuts=plan.layer_cuts,
         leaf_modules=None,
         source=plan.source,
+        rule=get_rule(config["rule"]),
+        rule_options=dict(config["rule_options"]),
     )
     rebuilt.config = {**rebuilt.config, "cuts": config.get("cuts"), "leaf_modules": config.get("leaf_modules", [])}
     difference = plan.diff(rebuilt)

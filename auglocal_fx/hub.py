@@ -20,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import json
@@ -30,7 +31,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["create_model", "resolve_model_name", "list_model_names", "load_pretrained_file", "SOURCE_ATTR"]
+from ._pretrained import PretrainedWeightsError, fetching, locate_weights
+
+__all__ = [
+    "create_model", "resolve_model_name", "list_model_names", "load_pretrained_file", "SOURCE_ATTR",
+    "PretrainedWeightsError",
+]
 
 # Attribute set on every model create_model builds; convert() copies it into plan.source.
 SOURCE_ATTR = "_auglocal_source"
@@ -40,6 +46,8 @@ _CANONICAL_PREFIX = {"torchvision": "tv", "timm": "timm", "auglocal": "auglocal"
 # Arguments that only say where weights come from: the artifact carries the weights, so a rebuild must not
 # download or read them again.
 _WEIGHT_KWARGS = frozenset({"pretrained", "weights", "pretrained_cfg_overlay", "checkpoint_path", "pretrained_file"})
+# No weights to fetch: nothing to check or to reword.
+_NO_FETCH = contextlib.nullcontext()
 
 
 def _torchvision_names() -> List[str]:
@@ -205,7 +213,9 @@ def create_model(
         name: ``resnet50``, ``timm:resnet50``, ``tv:resnet50``, ``auglocal:resnet32`` or ``package.module:factory``.
         num_classes: passed to the factory (the classifier's width); ``None`` keeps the factory's default.
         pretrained: let the library fetch its own pretrained weights (timm ``pretrained=True``, torchvision
-            ``weights="DEFAULT"``); needs a network.
+            ``weights="DEFAULT"``). Weights in the library's local cache need no network; others do, and when
+            they cannot be fetched (no network, ``HF_HUB_OFFLINE=1``) :class:`PretrainedWeightsError` says so at
+            once, naming the weights and the offline way on.
         pretrained_file: a local ``.safetensors`` file or a ``.pth``/``.pt`` state_dict (read with
             ``torch.load(weights_only=True)``, never unpickling arbitrary objects). When ``num_classes`` differs
             from the file's classifier, the classifier keeps its fresh initialisation (with a warning).
@@ -225,15 +235,21 @@ def create_model(
             raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
         factory_kwargs["num_classes"] = num_classes
 
+    qualified = _qualified_name(library, canonical)
     if library == "torchvision":
         import torchvision.models
 
         weights = factory_kwargs.pop("weights", "DEFAULT" if pretrained else None)
-        model = torchvision.models.get_model(canonical, weights=weights, **factory_kwargs)
+        fetches = weights is not None  # a torchvision weights= name or enum fetches weights too
+        source = locate_weights(library, canonical, weights=weights) if fetches else None
+        with fetching(qualified, source) if fetches else _NO_FETCH:
+            model = torchvision.models.get_model(canonical, weights=weights, **factory_kwargs)
     elif library == "timm":
         import timm
 
-        model = timm.create_model(canonical, pretrained=pretrained, **factory_kwargs)
+        source = locate_weights(library, canonical, kwargs=factory_kwargs) if pretrained else None
+        with fetching(qualified, source) if pretrained else _NO_FETCH:
+            model = timm.create_model(canonical, pretrained=pretrained, **factory_kwargs)
     elif library == "auglocal":
         if pretrained:
             raise ValueError(
@@ -246,7 +262,8 @@ def create_model(
         factory = _import_factory(canonical)
         if pretrained:
             factory_kwargs["pretrained"] = True
-        model = factory(**factory_kwargs)
+        with fetching(qualified, None) if pretrained else _NO_FETCH:  # where it fetches from is its own business
+            model = factory(**factory_kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
 
@@ -255,7 +272,7 @@ def create_model(
 
     source_kwargs = {k: v for k, v in factory_kwargs.items() if k not in _WEIGHT_KWARGS}
     if _json_able(source_kwargs):
-        setattr(model, SOURCE_ATTR, {"name": _qualified_name(library, canonical), "kwargs": source_kwargs})
+        setattr(model, SOURCE_ATTR, {"name": qualified, "kwargs": source_kwargs})
     return model
 
 

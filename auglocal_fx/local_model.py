@@ -1,9 +1,10 @@
 """The converted model: K local layers trained by their own aux nets.
 
 ``forward`` runs the local layers only and returns exactly what the original model returns. ``local_step``
-trains with AugLocal: for each layer, forward, aux loss, backward through that layer and its aux net alone, then
-``detach`` before the next layer, so each layer's graph is freed before the next one is built and no gradient
-crosses a layer boundary. The last layer ends with the model's own head and the task loss.
+trains with the plan's rule (AugLocal by default): for each layer, forward, local loss, backward through that
+layer and its aux net alone, then ``detach`` before the next layer, so each layer's graph is freed before the next
+one is built and no gradient crosses a layer boundary. The last layer ends with the model's own head and the task
+loss. ``train_layer(k, ...)`` is that step for one layer, the unit the distributed trainers schedule.
 
 Example::
 
@@ -17,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .plan import Plan
+from .rules import LossContext, Rule, get_rule
 from .summary import format_table
 
 __all__ = ["LocalModel"]
@@ -43,6 +45,7 @@ class LocalModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.aux = nn.ModuleList(aux)
         self.plan = plan
+        self.rule: Rule = get_rule(plan.config.get("rule", "auglocal"))
         # Not registered as a submodule: its modules are the layers' own (shared), and registering it would list
         # every parameter twice in state_dict().
         self.__dict__["_source_model"] = source_model
@@ -92,6 +95,37 @@ class LocalModel(nn.Module):
             x = layer(x)
         return x
 
+    def train_layer(
+        self,
+        k: int,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        loss_fn: Optional[LossFn] = None,
+        *,
+        scaler: Optional["torch.amp.GradScaler"] = None,
+        inputs: Optional[torch.Tensor] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Train layer ``k`` on its input ``x``: forward, local loss, backward. Returns (output, loss), detached.
+
+        The output is what layer ``k+1`` takes; no gradient reaches ``x``. Layers ``0..K-2`` learn from their aux
+        net through the rule's loss; the last layer from the model's head and ``loss_fn`` (cross-entropy by
+        default). ``inputs`` (the network's input batch), ``mean`` and ``std`` (its normalisation) are read by
+        rules whose loss reconstructs the image (``self.rule.needs_input``).
+        """
+        loss_fn = loss_fn or F.cross_entropy
+        out = self.layers[k](x)
+        if k == len(self.layers) - 1:
+            loss = loss_fn(out, target)
+        else:
+            context = LossContext(layer=k, num_layers=len(self.layers), loss_fn=loss_fn,
+                                  options=self.plan.config.get("rule_options") or {}, inputs=inputs, mean=mean,
+                                  std=std)
+            loss = self.rule.loss(self.aux[k], out, target, context)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return out.detach(), loss.detach()
+
     def local_step(
         self,
         x: torch.Tensor,
@@ -100,26 +134,24 @@ class LocalModel(nn.Module):
         *,
         scaler: Optional["torch.amp.GradScaler"] = None,
         after_backward: Optional[Callable[[int], None]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
     ) -> List[torch.Tensor]:
-        """One AugLocal training step: per-layer forward, aux loss and backward. Returns K detached losses.
+        """One local-learning step: per-layer forward, local loss and backward. Returns K detached losses.
 
         Gradients accumulate into ``.grad`` as usual: zero them before and step the optimizer after (or in
-        ``after_backward(k)``, called once layer ``k`` and its aux net have their gradients).
+        ``after_backward(k)``, called once layer ``k`` and its aux net have their gradients; see
+        :class:`auglocal_fx.PerLayerOptimizer`). ``mean`` and ``std`` are the input normalisation, needed by
+        rules that reconstruct the input (InfoPro).
         """
-        loss_fn = loss_fn or F.cross_entropy
+        inputs = x if self.rule.needs_input else None
         losses = []
-        last = len(self.layers) - 1
-        for k, layer in enumerate(self.layers):
-            out = layer(x)
-            logits = out if k == last else self.aux[k](out)
-            loss = loss_fn(logits, target)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            losses.append(loss.detach())
+        for k in range(len(self.layers)):
+            # x becomes the detached output: nothing flows back into layer k from layer k+1
+            x, loss = self.train_layer(k, x, target, loss_fn, scaler=scaler, inputs=inputs, mean=mean, std=std)
+            losses.append(loss)
             if after_backward is not None:
                 after_backward(k)
-            if k != last:
-                x = out.detach()  # the boundary: nothing flows back into layer k from layer k+1
-            del out, logits, loss
         return losses
 
     def bp_step(
@@ -159,14 +191,18 @@ class LocalModel(nn.Module):
                     "params": layer.params,
                     "flops": layer.flops,
                     "out_shape": layer.out_shape,
-                    "aux_depth": aux.depth if aux else None,
-                    "aux_units": aux.units if aux else None,
-                    "aux_adapters": sum(a is not None for a in aux.adapters) if aux else None,
+                    **self._aux_columns(aux),
                     "aux_params": aux.params if aux else None,
                     "aux_flops": aux.flops if aux else None,
                 }
             )
         return rows
+
+    def _aux_columns(self, aux) -> Dict:
+        if self.rule.name == "auglocal":
+            return {"aux_depth": aux.depth if aux else None, "aux_units": aux.units if aux else None,
+                    "aux_adapters": sum(a is not None for a in aux.adapters) if aux else None}
+        return {"aux_net": self.rule.describe(aux) if aux else None}
 
     def summary(self) -> str:
         text = format_table(self.summary_rows(), title=_title(self.plan))
@@ -181,7 +217,10 @@ class LocalModel(nn.Module):
 
 def _title(plan: Plan) -> str:
     c = plan.config
-    return (
-        f"AugLocal: {plan.num_layers} local layers over {plan.num_units} units, aux_depth={c['aux_depth']}, "
-        f"pyramid={c['pyramid']}, aux_init={c['aux_init']}, input {tuple(c['input_size'])}"
-    )
+    rule = c.get("rule", "auglocal")
+    if rule == "auglocal":
+        settings = f"aux_depth={c['aux_depth']}, pyramid={c['pyramid']}, aux_init={c['aux_init']}"
+    else:
+        settings = ", ".join(f"{k}={v}" for k, v in (c.get("rule_options") or {}).items()) or "default options"
+    return (f"{'AugLocal' if rule == 'auglocal' else rule}: {plan.num_layers} local layers over {plan.num_units} units, {settings}, "
+            f"input {tuple(c['input_size'])}")

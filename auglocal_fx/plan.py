@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .errors import PlanMismatchError
@@ -59,12 +59,19 @@ class AdapterSpec:
 
 @dataclass
 class AuxSpec:
+    """One hidden layer's aux net as its rule planned it (``config["rule"]``).
+
+    AugLocal fills ``depth``, ``units`` and ``adapters`` (the later units it copies); rules that build their aux
+    net from the layer's output shape alone leave those empty and describe it in ``net``.
+    """
+
     layer: int
     depth: int
     units: List[int]
     adapters: List[Optional[AdapterSpec]]  # adapters[j] sits in front of units[j]; None where shapes match
     params: int
-    flops: int
+    flops: int  # forward FLOPs per sample
+    net: Dict[str, Any] = field(default_factory=dict)  # the rule's own description (JSON data)
 
 
 @dataclass
@@ -117,8 +124,10 @@ class Plan:
                 adapters = [AdapterSpec(**a) if a is not None else None for a in d["adapters"]]
                 return AuxSpec(**{**d, "adapters": adapters})
 
+            # Plans written before rules existed are AugLocal plans.
+            config = {"rule": "auglocal", "rule_options": {}, **data["config"]}
             return cls(
-                config=dict(data["config"]),
+                config=config,
                 trace=dict(data["trace"]),
                 units=[UnitSpec(**u) for u in data["units"]],
                 head=HeadSpec(**data["head"]),

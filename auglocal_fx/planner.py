@@ -13,7 +13,10 @@ Nothing is trained and no full step is run. The model is traced once (as :func:`
   activations and creates its parameters' gradients, with the gradients of the piece's input and output alive
   meanwhile. BP runs one chain (every unit and the head); AugLocal runs layer ``k`` then aux net ``k`` and, with
   the per-layer optimizer step (the default, as ``auglocal bench``), drops layer ``k``'s gradients before layer
-  ``k+1``.
+  ``k+1``. BP with activation checkpointing (:mod:`auglocal_fx.checkpointing`, segments of units chosen as
+  ``auglocal bench --methods checkpoint`` chooses them at K = units) keeps each segment's input; while backward
+  runs segment ``j``, the inputs of segments ``0..j``, segment ``j``'s recomputed activations and the gradients
+  of segments ``j..`` are alive.
 
 The predicted peak is ``weights + optimizer state + input batch + the step's worst moment`` for each method, the
 same quantity ``auglocal bench`` measures, so the two are compared directly (docs/benchmarks.md).
@@ -23,6 +26,7 @@ Example::
     report = plan_memory(torchvision.models.resnet50(), batch=64, budget=parse_bytes("8GiB"))
     print(format_plan_report(report))
     report["recommended"]     # {"layers": K, "aux_depth": d, "predicted_peak": bytes, ...} or None
+    report["checkpoint"]      # BP with activation checkpointing: {"segments": [[0, 4], ...], "predicted_peak": ...}
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bench import GiB, format_bytes, parse_bytes
+from .bench.memory import GiB, format_bytes, parse_bytes
+from .checkpointing import checkpoint_segments
 from .memory import SavedTensorTracker
 
 __all__ = ["plan_memory", "format_plan_report", "Piece", "parse_bytes"]
@@ -240,6 +245,33 @@ def _predict_bp(pieces: _Pieces, plan: Any, batch: int, batch_bytes: float, opti
     return {"state": state, "step": step, "batch_bytes": batch_bytes, "predicted_peak": peak}
 
 
+def _predict_checkpoint(pieces: _Pieces, plan: Any, batch: int, batch_bytes: float, optimizer: str,
+                        segments: Optional[int]) -> Dict[str, Any]:
+    """BP with activation checkpointing over segments of units (the head ends the last segment)."""
+    units = [pieces.unit(u) for u in plan.units]
+    head = pieces.head(plan)
+    adds = _chain_saved(units + [head], batch, exclude_input=True)
+    # Per unit: (its input, stored when it starts a segment; its saved bytes), the head's with the last unit's.
+    costs = [(Piece.at(p.in_bytes, batch) if i else 0.0, adds[i]) for i, p in enumerate(units)]
+    costs[-1] = (costs[-1][0], costs[-1][1] + adds[-1])
+    ranges = checkpoint_segments(costs, segments)
+    stored = [costs[a][0] for a, _ in ranges]  # the first segment's input is the batch, counted apart
+    grads, step_peak, worst = 0.0, 0.0, None
+    for j in range(len(ranges) - 1, -1, -1):
+        a, b = ranges[j]
+        chain = units[a:b] + ([head] if j == len(ranges) - 1 else [])
+        r = _replay(chain, batch, exclude_input=True, grads_before=grads)
+        grads = r["grads_end"]
+        peak = sum(stored[: j + 1]) + r["peak"]
+        if peak > step_peak:
+            step_peak, worst = peak, {**r, "segment": j, "stored_inputs": sum(stored[: j + 1])}
+    chain = units + [head]
+    state = _state(sum(p.param_bytes for p in chain), sum(p.buffer_bytes for p in chain), optimizer)
+    peak = state["weights"] + state["optimizer"] + batch_bytes + step_peak
+    return {"state": state, "step": worst, "segments": [list(r) for r in ranges], "batch_bytes": batch_bytes,
+            "predicted_peak": peak}
+
+
 def _predict_local(pieces: _Pieces, plan: Any, batch: int, batch_bytes: float, optimizer: str, layer_step: bool) -> Dict[str, Any]:
     head = pieces.head(plan)
     last = plan.num_layers - 1
@@ -298,12 +330,15 @@ def plan_memory(
     amp: bool = False,
     optimizer: str = "sgd",
     layer_step: bool = True,
+    checkpoint_segments: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Predict peak training memory (bytes) of BP and of AugLocal for every candidate ``(K, d)``; recommend one.
 
     ``layers``: candidate K values (default 2 .. one unit per layer); ``aux_depths``: candidate d. The
     recommendation is the fitting candidate with the fewest aux nets, then the shallowest (None if none fits).
     Footprints are measured on the CPU (or on ``device`` when it is CUDA and available); the model is not changed.
+    ``checkpoint_segments``: segments of BP with activation checkpointing (default about sqrt(units)), whose
+    peak is predicted too (``report["checkpoint"]``).
     """
     if optimizer not in _OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {', '.join(_OPTIMIZER_STATES)}, got {optimizer!r}")
@@ -322,11 +357,19 @@ def plan_memory(
     size = analysis.input_size
     batch_bytes = batch * (torch.Size(size).numel() * 4 + 8)  # float32 images, int64 labels
 
+    from .rules import get_rule
+
+    rule = get_rule("auglocal")  # the planner predicts AugLocal's aux nets
+    rule_options = rule.resolve_options(None)
+
     def make(k: int, d: int):
         return conv._make_plan(analysis, layers=k, aux_depth=d, pyramid=pyramid, aux_init="copy", cuts=None,
-                               leaf_modules=leaf_modules, source=None)
+                               leaf_modules=leaf_modules, source=None, rule=rule, rule_options=rule_options)
 
     bp = _predict_bp(pieces, make(candidates_k[0], 1), batch, batch_bytes, optimizer)
+    ckpt = _predict_checkpoint(pieces, make(candidates_k[0], 1), batch, batch_bytes, optimizer, checkpoint_segments)
+    ckpt["ratio_to_bp"] = ckpt["predicted_peak"] / bp["predicted_peak"]
+    ckpt["fits"] = budget is None or ckpt["predicted_peak"] <= budget
     rows = []
     for k in candidates_k:
         for d in sorted(set(aux_depths)):
@@ -362,6 +405,7 @@ def plan_memory(
         "backbone_flops_per_sample": backbone_flops,
         "bp": bp,
         "bp_fits": budget is None or bp["predicted_peak"] <= budget,
+        "checkpoint": ckpt,
         "candidates": rows,
         "recommended": {k: v for k, v in recommended.items() if k != "detail"} if recommended else None,
         "seconds": time.perf_counter() - started,
@@ -376,8 +420,14 @@ def format_plan_report(report: Dict[str, Any]) -> str:
         f"device {report['device']}; budget {format_bytes(budget) if budget else 'none'}",
         f"BP (end-to-end): predicted peak {format_bytes(report['bp']['predicted_peak'])}"
         + ("" if budget is None else (" - fits" if report["bp_fits"] else " - does not fit")),
-        "AugLocal predicted peak (GiB) by K (rows) and aux depth d (columns); * fits the budget:",
     ]
+    ckpt = report.get("checkpoint")
+    if ckpt:
+        lines.append(
+            f"BP with activation checkpointing ({len(ckpt['segments'])} segments of units "
+            f"{[tuple(r) for r in ckpt['segments']]}): predicted peak {format_bytes(ckpt['predicted_peak'])}, "
+            f"{ckpt['ratio_to_bp']:.2f}x BP" + ("" if budget is None else (" - fits" if ckpt["fits"] else " - does not fit")))
+    lines.append("AugLocal predicted peak (GiB) by K (rows) and aux depth d (columns); * fits the budget:")
     depths = sorted({r["aux_depth"] for r in report["candidates"]})
     ks = sorted({r["layers"] for r in report["candidates"]})
     cell = {(r["layers"], r["aux_depth"]): r for r in report["candidates"]}
@@ -408,5 +458,8 @@ def format_plan_report(report: Dict[str, Any]) -> str:
         )
         if report["bp_fits"]:
             lines.append("note: plain BP fits the budget too; local learning is not needed for memory")
+        elif ckpt and ckpt["fits"]:
+            lines.append("note: BP with activation checkpointing fits the budget too (same gradients as BP, more "
+                         "compute: auglocal bench --methods bp,checkpoint,auglocal measures both)")
     lines.append(f"planned in {report['seconds']:.1f} s (activation footprints probed on {report['probed_on']})")
     return "\n".join(lines)

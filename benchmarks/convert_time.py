@@ -39,7 +39,7 @@ if baseline:
     import auglocal_fx._shapes as S
     orig = S.ShapeFlopProp._propagate
     S.ShapeFlopProp._propagate = lambda self, args, fake: orig(self, args, fake=False)
-    conv = sys.modules["auglocal_fx.convert"]
+    conv = sys.modules["auglocal_fx.rules.auglocal"]
 model = create_model(name)
 if layers == "max":
     inspection = auglocal_fx.inspect_model(model)

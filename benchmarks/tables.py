@@ -1,7 +1,7 @@
 """Print the markdown tables of docs/benchmarks.md from the JSON files in benchmarks/results/.
 
     python benchmarks/tables.py            # all tables
-    python benchmarks/tables.py planner    # one of: aux, depth, convert, planner, sweep
+    python benchmarks/tables.py planner    # one of: aux, depth, convert, planner, sweep, peers
 """
 from __future__ import annotations
 
@@ -101,7 +101,34 @@ def sweep() -> str:
     return "\n".join(out)
 
 
-TABLES = {"aux": aux, "depth": depth, "convert": convert, "planner": planner, "sweep": sweep}
+def peers(name: str = "peers_resnet50_k17_d2_b64_cpu.json") -> str:
+    """Every method of one `auglocal bench --methods ...` run: absolute figures and ratios to BP."""
+    doc = _load(name)
+    if not doc:
+        return f"(no {name})"
+    labels = doc.get("labels") or {}
+    vs = doc.get("vs_bp") or {}
+    out = ["| method | step time (wall / CPU) | images/s | FLOPs/step | peak memory (measured) | activations at peak "
+           "| other at peak | peak vs BP | time vs BP (wall / CPU) | memory x time vs BP (wall / CPU) "
+           "| time vs FLOP-ideal (wall / CPU) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in doc["methods"]:
+        r, v = doc[m], vs.get(m, {})
+        mem, f = r["memory"], r["flops_per_step"]
+        if m != "bp" and v.get("peak_memory") is not None and v.get("cpu_time") is not None:
+            v = {**v, "memory_x_cpu_time": v["peak_memory"] * v["cpu_time"]}
+        ratio = lambda k: "1.00x" if m == "bp" else (f"{v[k]:.2f}x" if v.get(k) is not None else "-")  # noqa: E731
+        out.append(
+            f"| {labels.get(m, m)} | {r['time']['median_s']:.1f} / {r['time']['cpu']['median_s']:.1f} s "
+            f"| {r['time']['images_per_s']:.2f} | {(f['backbone'] + f['aux']) / 1e9:.0f} G | {mem['peak'] / GiB:.2f} GiB "
+            f"| {mem['activations_at_step_peak'] / GiB:.2f} GiB | {mem.get('other_at_peak', 0) / GiB:.2f} GiB "
+            f"| {ratio('peak_memory')} | {ratio('step_time')} / {ratio('cpu_time')} "
+            f"| {ratio('memory_x_time')} / {ratio('memory_x_cpu_time')} "
+            f"| {ratio('step_time_vs_ideal')} / {ratio('cpu_time_vs_ideal')} |")
+    return "\n".join(out)
+
+
+TABLES = {"aux": aux, "depth": depth, "convert": convert, "planner": planner, "sweep": sweep, "peers": peers}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or TABLES:

@@ -47,26 +47,35 @@ def names(items: Sequence[str], limit: int = 3) -> str:
 
 
 def summary_table(plan: Any, rows: List[Mapping[str, Any]], *, title: Optional[str] = None) -> Table:
-    """The per-layer table of a LocalModel (``lm.summary_rows()``), aux units shown by name."""
+    """The per-layer table of a LocalModel (``lm.summary_rows()``): AugLocal's aux units shown by name, other
+    rules' aux nets by their one-line description."""
     unit_names = [u.name for u in plan.units]
+    copies_units = (plan.config.get("rule") or "auglocal") == "auglocal"
+    aux_columns = (("aux depth", "right"), ("aux net units", "left"), ("adapters", "right")) if copies_units else (
+        ("aux net", "left"),)
     table = Table(title=title, title_justify="left", header_style="bold")
     for header, justify in (
         ("layer", "right"), ("units", "left"), ("out shape", "left"), ("params", "right"), ("FLOPs", "right"),
-        ("aux depth", "right"), ("aux net units", "left"), ("adapters", "right"), ("aux params", "right"),
-        ("aux FLOPs", "right"),
+        *aux_columns, ("aux params", "right"), ("aux FLOPs", "right"),
     ):
         table.add_column(header, justify=justify, no_wrap=header in ("units", "aux net units", "out shape"))
     for row in rows:
         aux_units = row.get("aux_units")
+        if copies_units:
+            aux_cells = (
+                "-" if row.get("aux_depth") is None else str(row["aux_depth"]),
+                "-" if aux_units is None else names([unit_names[i] if isinstance(i, int) else str(i) for i in aux_units] + ["head"], 4),
+                "-" if row.get("aux_adapters") is None else str(row["aux_adapters"]),
+            )
+        else:
+            aux_cells = (row.get("aux_net") or "-",)
         table.add_row(
             str(row.get("layer")),
             names([str(u) for u in row.get("units") or []]),
             shape(row.get("out_shape")),
             human(row.get("params")),
             human(row.get("flops")),
-            "-" if row.get("aux_depth") is None else str(row["aux_depth"]),
-            "-" if aux_units is None else names([unit_names[i] if isinstance(i, int) else str(i) for i in aux_units] + ["head"], 4),
-            "-" if row.get("aux_adapters") is None else str(row["aux_adapters"]),
+            *aux_cells,
             human(row.get("aux_params")),
             human(row.get("aux_flops")),
         )

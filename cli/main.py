@@ -12,13 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
 from ._errors import AuglocalGroup
-from ._options import option_callback, parse_cuts, parse_input_size
-from .._versions import package_version
+from ._options import option_callback, parse_cuts, parse_input_size, rule_choice_options
 
 __all__ = ["main", "parse_input_size", "parse_cuts"]
 
@@ -26,6 +25,8 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _dist_version(dist: str) -> str:
+    from .._versions import package_version  # importlib.metadata: only --version needs it
+
     return package_version(dist, "auglocal_fx" if dist == "auglocal-fx" else None) or "not installed"
 
 
@@ -113,9 +114,12 @@ def _resolve(ctx: click.Context, name: str) -> str:
 
 
 def _build_model(name: str, *, num_classes: Optional[int], pretrained: bool, pretrained_file: Optional[Path]):
-    from auglocal_fx.hub import create_model
+    from auglocal_fx.hub import PretrainedWeightsError, create_model
 
-    return create_model(name, num_classes=num_classes, pretrained=pretrained, pretrained_file=pretrained_file)
+    try:
+        return create_model(name, num_classes=num_classes, pretrained=pretrained, pretrained_file=pretrained_file)
+    except PretrainedWeightsError as exc:  # say the offline way in this command's own words
+        raise exc.with_file_hint("--pretrained-file PATH") from exc.__cause__
 
 
 def _model_options(func):
@@ -147,10 +151,12 @@ def _model_options(func):
               help="Pyramid coefficient tau: aux nets get shallower towards the output (0 = all depth d).")
 @click.option("--aux-init", type=click.Choice(["copy", "fresh"]), default="copy", show_default=True,
               help="Aux units start as copies of the backbone's units or freshly initialised.")
+@rule_choice_options(default="auglocal")
 @_model_options
 @click.option("--cuts", callback=_cuts_option, default=None, metavar="A,B,...",
               help="Explicit cut points (graph node names from `auglocal inspect`) instead of uniform ones.")
-@click.option("--pretrained", is_flag=True, help="Start from the library's pretrained weights (downloads them).")
+@click.option("--pretrained", is_flag=True,
+              help="Start from the library's pretrained weights: from its local cache, else downloaded.")
 @click.option("--pretrained-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               metavar="PATH", help="Start from local weights: .safetensors, or a .pth state_dict (weights_only).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
@@ -165,6 +171,8 @@ def convert_command(
     aux_depth: int,
     pyramid: float,
     aux_init: str,
+    rule: str,
+    rule_option: Dict[str, Any],
     num_classes: Optional[int],
     input_size: Optional[Tuple[int, int, int]],
     leaf: Tuple[str, ...],
@@ -175,11 +183,13 @@ def convert_command(
     overwrite: bool,
     dry_run: bool,
 ) -> None:
-    """Convert MODEL into K local layers with AugLocal aux nets, print the per-layer table, save the artifact.
+    """Convert MODEL into K local layers with aux nets (AugLocal's, or --rule's), print the per-layer table, save
+    the artifact.
 
     \b
     Examples:
       auglocal convert resnet50 --layers 17 -o r50-k17
+      auglocal convert resnet50 --layers 17 --rule infopro --rule-option x1=5 --dry-run
       auglocal convert timm:resnet50 --layers 4 --aux-depth 3 --pyramid 0 --dry-run
       auglocal convert auglocal:resnet32 --layers 16 --input-size 3,32,32 -o r32
       auglocal convert resnet18 --layers 3 --cuts layer2,layer3 --num-classes 10 --input-size 3,64,64
@@ -211,15 +221,22 @@ def convert_command(
         input_size=input_size,
         cuts=cuts,
         leaf_modules=_leaf_modules(leaf),
+        rule=rule,
+        rule_options=rule_option,
     )
     plan = local_model.plan
     console = make_console()
     source_name = (plan.source or {}).get("name", model_name)
     config = plan.config
+    if config.get("rule", "auglocal") == "auglocal":
+        settings = (f"aux depth {config.get('aux_depth')}, pyramid {config.get('pyramid')}, "
+                    f"aux init {config.get('aux_init')}")
+    else:
+        options = ", ".join(f"{k}={v}" for k, v in (config.get("rule_options") or {}).items())
+        settings = f"rule {config['rule']}" + (f" ({options})" if options else "")
     title = (
         f"{source_name}: {plan.num_layers} local layers over {plan.num_units} units "
-        f"(aux depth {config.get('aux_depth')}, pyramid {config.get('pyramid')}, aux init {config.get('aux_init')}, "
-        f"input {'x'.join(str(d) for d in config.get('input_size') or ())})"
+        f"({settings}, input {'x'.join(str(d) for d in config.get('input_size') or ())})"
     )
     console.print(summary_table(plan, local_model.summary_rows(), title=title))
     t = totals(plan)

@@ -11,6 +11,7 @@ import auglocal_fx
 from _models import tiny_net
 from auglocal_fx.bench import (
     BenchConfig,
+    count_checkpoint_flops,
     LayerwiseOptimizer,
     StepMemoryTracker,
     count_step_flops,
@@ -18,9 +19,11 @@ from auglocal_fx.bench import (
     make_optimizer,
     parse_bytes,
     run_benchmark,
+    winners,
     write_json,
     write_plot,
 )
+from auglocal_fx.checkpointing import CheckpointedBP
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -172,3 +175,93 @@ def test_cli_bench_errors():
     assert result.exit_code == 2 and "--batch" in result.output
     result = CliRunner().invoke(main, ["plan", "auglocal:resnet8", "--batch", "4", "--memory-budget", "lots"])
     assert result.exit_code == 2 and "memory size" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+
+@pytest.fixture(scope="module")
+def peers(lm):
+    config = BenchConfig(batch=4, steps=2, warmup=0, methods=("bp", "checkpoint", "auglocal"), checkpoint_segments=2)
+    return run_benchmark(copy.deepcopy(lm), config)
+
+
+def test_checkpoint_flops_are_bp_plus_the_recomputed_forward(lm):
+    from auglocal_fx._shapes import total_flop_counter
+
+    model = copy.deepcopy(lm)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))
+    step = CheckpointedBP(model, ranges=[(0, 1), (1, 3), (3, 4)])
+    forward = []
+    h = x
+    for layer in model.layers:
+        counter = total_flop_counter()
+        with counter, torch.no_grad():
+            h = layer(h)
+        forward.append(int(counter.get_total_flops()))
+    bp = count_step_flops(model, x, y)["bp"]
+    assert count_checkpoint_flops(step, x, y) == bp + sum(forward[:3])  # the last segment is not recomputed
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_peer_report(peers, lm):
+    assert peers["methods"] == ["bp", "checkpoint", "auglocal"]
+    bp, ck = peers["bp"], peers["checkpoint"]
+    # checkpointing owns what BP owns: the backbone, its optimizer state, and gradients of every parameter
+    assert ck["memory"]["state"] == bp["memory"]["state"]
+    assert ck["memory"]["grads_peak"] == bp["memory"]["grads_peak"]
+    assert ck["flops_per_step"]["backbone"] > bp["flops_per_step"]["backbone"] and ck["flops_per_step"]["aux"] == 0
+    assert ck["checkpoint"]["segments"] == 2 and ck["checkpoint"]["ranges"][-1][1] == lm.plan.num_layers
+    # the saved-tensor hooks see the stored segment inputs and the last segment only: fewer bytes than BP's
+    assert ck["memory"]["activations_peak"] < bp["memory"]["activations_peak"]
+    for name in ("checkpoint", "auglocal"):
+        r = peers["vs_bp"][name]
+        m = peers[name]
+        assert r["step_time"] == pytest.approx(m["time"]["median_s"] / bp["time"]["median_s"])
+        assert r["peak_memory"] == pytest.approx(m["memory"]["peak"] / bp["memory"]["peak"])
+        assert r["memory_x_time"] == pytest.approx(r["peak_memory"] * r["step_time"])
+        total = m["flops_per_step"]["backbone"] + m["flops_per_step"]["aux"]
+        assert r["flops_per_step"] == pytest.approx(total / bp["flops_per_step"]["backbone"])
+    assert peers["ratios"] == peers["vs_bp"]["auglocal"]  # the AugLocal/BP figures keep their old place
+    win = winners(peers)
+    assert set(win) == {"memory", "time", "memory x time"} and set(win.values()) <= set(peers["methods"])
+    text = format_report(peers)
+    assert "checkpoint/BP" in text and "AugLocal/BP" in text and "lowest: memory" in text
+    json.dumps(peers)
+
+
+def test_peer_plot(peers, tmp_path):
+    write_plot(peers, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+OTHER_RULES = [r for r in auglocal_fx.list_rules() if r != "auglocal"]
+
+
+@pytest.mark.parametrize("rule", OTHER_RULES)
+def test_every_rule_is_a_method(lm, rule):
+    rep = run_benchmark(copy.deepcopy(lm), BenchConfig(batch=4, steps=1, warmup=0, methods=("bp", rule)))
+    m = rep[rule]
+    assert m["flops_per_step"]["aux"] > 0 and m["memory"]["carried_across_layers"] == 0
+    assert len(m["memory"]["layer_windows"]) == lm.plan.num_layers
+    assert m["memory"]["state"]["aux_weights"] > 0 and rule in rep["vs_bp"]
+
+
+def test_unknown_method(lm):
+    with pytest.raises(ValueError, match="unknown method 'lion'"):
+        run_benchmark(copy.deepcopy(lm), BenchConfig(batch=4, steps=1, warmup=0, methods=("bp", "lion")))
+    with pytest.raises(ValueError, match="at least one"):
+        BenchConfig(batch=4, methods=("bp",), run_bp=False)
+
+
+def test_cli_bench_methods(tmp_path):
+    from auglocal_fx.cli.main import main
+
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", "auglocal:resnet8", "--layers", "4", "--batch", "4", "--input-size",
+                                       "3,16,16", "--steps", "1", "--warmup", "0", "--no-memory-probe", "--methods",
+                                       "bp,checkpoint", "--checkpoint-segments", "3", "--json", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "checkpoint/BP" in result.output
+    doc = json.loads(out.read_text())
+    assert doc["methods"] == ["bp", "checkpoint"] and doc["checkpoint"]["checkpoint"]["segments"] == 3

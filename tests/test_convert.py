@@ -353,3 +353,22 @@ def test_size_function_outputs_do_not_block_cuts():
 def test_register_size_function_rejects_bad_input():
     with pytest.raises(TypeError, match="register_size_function"):
         auglocal_fx.register_size_function(lambda x: x, outputs=())
+
+
+def test_aux_units_never_write_into_their_input():
+    """K=10 on resnet18 cuts layer4.1 before its ReLU(inplace=True); layer 5's aux net runs that ReLU right after
+    a copy of layer4.0, whose own ReLU saved its output for backward: the copy must not write into it."""
+    import torchvision
+
+    from auglocal_fx._build import copy_input_before_inplace_use
+
+    lm = auglocal_fx.convert(torchvision.models.resnet18(num_classes=10), layers=10, input_size=(3, 48, 48))
+    assert [lm.plan.units[u].name for u in lm.plan.aux[5].units] == ["layer4.0", "layer4.1[1]"]
+    x, y = torch.randn(4, 3, 48, 48), torch.randint(0, 10, (4,))
+    losses = lm.local_step(x, y)  # raised "modified by an inplace operation" before
+    assert all(torch.isfinite(loss) for loss in losses)
+    h = torch.randn(4, 512, 2, 2)
+    before = h.clone()
+    lm.aux[8](h)  # a ReLU(inplace=True) first: the layer's output, which layer 9 reads next, stays as it was
+    assert torch.equal(h, before)
+    assert not copy_input_before_inplace_use(lm.layers[1])  # nothing to do where no op writes into the input

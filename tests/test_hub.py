@@ -132,9 +132,18 @@ def test_factory_must_return_a_module(user_module):
         create_model("builtins:dict")
 
 
-def test_pretrained_true_keeps_the_library_code_path(monkeypatch):
-    # No network in tests: check that timm is asked for its own pretrained weights, not that they download.
+def test_pretrained_true_keeps_the_library_code_path(monkeypatch, tmp_path):
+    # No network in tests: check that timm is asked for its own pretrained weights, not that they download. The
+    # weights are "in the hub's cache" (a file where the hub keeps them), so nothing needs the network.
     import timm
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--timm--resnet50.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (tmp_path / "models--timm--resnet50.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet50.a1_in1k" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
 
     calls = []
 

@@ -32,7 +32,7 @@ def plan_report(model):
 @pytest.fixture(scope="module")
 def bench_report(model):
     lm = auglocal_fx.convert(copy.deepcopy(model), layers=4, aux_depth=2, pyramid=0.0, input_size=SIZE)
-    return run_benchmark(lm, BenchConfig(batch=8, steps=1, warmup=1))
+    return run_benchmark(lm, BenchConfig(batch=8, steps=1, warmup=1, methods=("bp", "checkpoint", "auglocal")))
 
 
 def _candidate(report, k, d):
@@ -116,3 +116,16 @@ def test_cli_plan(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["budget"] == 64 * 2**20 and len(doc["candidates"]) == 2 * (doc["units"] - 1)
     json.dumps(doc)
+
+
+def test_checkpoint_prediction(plan_report, bench_report):
+    """With one layer per unit, plan and bench cut the same segments; the state is BP's; the predicted peak lies
+    above the bench's accounted one (which cannot see recomputed activations) and below BP's prediction."""
+    pred = plan_report["checkpoint"]
+    meas = bench_report["checkpoint"]
+    assert pred["segments"] == meas["checkpoint"]["ranges"]
+    assert pred["state"] == plan_report["bp"]["state"]
+    assert pred["state"]["weights"] == meas["memory"]["state"]["backbone_weights"]
+    assert meas["memory"]["accounted_peak"] <= pred["predicted_peak"] <= plan_report["bp"]["predicted_peak"]
+    assert pred["ratio_to_bp"] == pytest.approx(pred["predicted_peak"] / plan_report["bp"]["predicted_peak"])
+    assert "activation checkpointing" in format_plan_report(plan_report)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from auglocal_fx.train import Recipe, RecipeError, list_recipes, load_recipe, parse_overrides
 
 SHIPPED = ["quickstart", "fashion_mnist", "resnet32_cifar10", "resnet110_cifar10", "resnet34_imagenet",
-           "finetune_timm"]
+           "finetune_timm", "compare_fashion_mnist"]
 MINIMAL = {"model": {"name": "resnet8"}, "data": {"name": "digits"}}
 
 
@@ -68,9 +68,16 @@ def test_defaults_and_file_loading(tmp_path):
     ({"optimizer": {"name": "adamx"}}, "optimizer.name", ["timm optimizer", "adamax"]),
     ({"model": {}}, "model.name", ["required"]),
     ({"model": "resnet8"}, "model", ["mapping"]),
-    ({"rule": "e2e"}, "rule", ["auglocal, bp"]),
+    ({"rule": "e2e"}, "rule", ["must be one of auglocal, ", ", bp"]),
     ({"rule": ["auglocal", "bp", "bp"]}, "rule", ["twice"]),
-    ({"rule": ["auglocal", "hebb"]}, "rule[1]", ["auglocal, bp"]),
+    ({"rule": ["auglocal", "hebb"]}, "rule[1]", ["must be one of auglocal, ", ", bp"]),
+    ({"convert": {"rule_options": {"hebb": {}}}}, "convert.rule_options", ["not a local rule", "auglocal"]),
+    ({"convert": {"rule_options": {"auglocal": {"x1": 1.0}}}}, "convert.rule_options.auglocal",
+     ["no option 'x1'"]),
+    ({"convert": {"rule_options": {"auglocal": 3}}}, "convert.rule_options.auglocal", ["map option names"]),
+    ({"optimizer": {"per_layer": "yes"}}, "optimizer.per_layer", ["true or false"]),
+    ({"model": {"name": "resnet8", "pretrained": True, "pretrained_file": "w.pth"}}, "model.pretrained",
+     ["set only one"]),
     ({"rule": 3}, "rule", ["string or a list of strings"]),
     ({"device": "gpu"}, "device", ["auto, cpu, cuda"]),
     ({"data": {"name": "mnist"}}, "data.name", ["one of digits", "fashion_mnist"]),

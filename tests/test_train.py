@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from auglocal_fx.train import TrainError, train
-from auglocal_fx.train import _engine
+from auglocal_fx.train import _run
 from auglocal_fx.train._checkpoint import load_checkpoint
 
 TIMING = {"epoch_time", "train_throughput", "elapsed", "peak_mem_mb"}
@@ -47,8 +47,8 @@ def _strip(history):
 
 
 def _assert_same_weights(dir_a, dir_b):
-    a = load_checkpoint(Path(dir_a) / _engine.CHECKPOINT_FILE)
-    b = load_checkpoint(Path(dir_b) / _engine.CHECKPOINT_FILE)
+    a = load_checkpoint(Path(dir_a) / _run.CHECKPOINT_FILE)
+    b = load_checkpoint(Path(dir_b) / _run.CHECKPOINT_FILE)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -96,17 +96,17 @@ def test_artifact_is_the_convert_format(reference_run):
 
 def test_resume_after_an_epoch_equals_uninterrupted(reference_run, tmp_path, monkeypatch):
     stop = threading.Event()
-    original = _engine.MetricsWriter.write
+    original = _run.MetricsWriter.write
 
     def write_then_stop(self, history):
         original(self, history)
         stop.set()  # ask to stop right after the first epoch's metrics
 
-    monkeypatch.setattr(_engine.MetricsWriter, "write", write_then_stop)
+    monkeypatch.setattr(_run.MetricsWriter, "write", write_then_stop)
     first = train(tiny(), output_dir=tmp_path, quiet=True, stop=stop)
     assert first.interrupted and first["auglocal"].epochs == 1
     assert load_checkpoint(tmp_path / "auglocal" / "checkpoint.pt")["next_epoch"] == 1
-    monkeypatch.setattr(_engine.MetricsWriter, "write", original)
+    monkeypatch.setattr(_run.MetricsWriter, "write", original)
     second = train(tiny(), output_dir=tmp_path, resume=True, quiet=True)
     assert not second.interrupted and second["auglocal"].epochs == 2
     _assert_same_weights(reference_run[1] / "auglocal", tmp_path / "auglocal")
@@ -114,7 +114,7 @@ def test_resume_after_an_epoch_equals_uninterrupted(reference_run, tmp_path, mon
 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_path, monkeypatch):
-    original = _engine._Run._step
+    original = _run.Run._step
     calls = {"n": 0}
 
     def step_then_interrupt(self, *args):
@@ -124,13 +124,13 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_pa
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(_engine._Run, "_step", step_then_interrupt)
+    monkeypatch.setattr(_run.Run, "_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), output_dir=tmp_path, quiet=True)
     state = load_checkpoint(tmp_path / "auglocal" / "checkpoint.pt")
     assert (state["next_epoch"], state["next_step"]) == (1, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.setattr(_engine._Run, "_step", original)
+    monkeypatch.setattr(_run.Run, "_step", original)
     result = train(tiny(), output_dir=tmp_path, resume=True, quiet=True)
     assert result["auglocal"].epochs == 2
     _assert_same_weights(reference_run[1] / "auglocal", tmp_path / "auglocal")
@@ -161,7 +161,7 @@ def test_both_rules_side_by_side(tmp_path):
 
 
 def test_diverging_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(_engine._Run, "_step", lambda self, x, y, params: torch.full((3,), float("nan")))
+    monkeypatch.setattr(_run.Run, "_step", lambda self, x, y, params: torch.full((3,), float("nan")))
     with pytest.raises(TrainError, match="loss of layer 0 is nan at epoch 1.*Lower optimizer.lr"):
         train(tiny(epochs=1), output_dir=tmp_path, quiet=True)
 

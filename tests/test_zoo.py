@@ -98,8 +98,8 @@ def _with_model(monkeypatch, factory):
         torch.manual_seed(seed)
         return factory()
 
-    monkeypatch.setattr(zoo, "_create", fake_create)
-    monkeypatch.setattr(zoo, "candidate_configs", lambda model, input_size=None: [({}, (3, 16, 16))])
+    monkeypatch.setattr(zoo.check, "_create", fake_create)  # patched where check_model looks them up
+    monkeypatch.setattr(zoo.check, "candidate_configs", lambda model, input_size=None: [({}, (3, 16, 16))])
 
 
 @pytest.mark.parametrize(
@@ -128,8 +128,8 @@ def test_no_input_size_works(monkeypatch):
         def forward(self, x):
             return self.fc(x.flatten(1))
 
-    monkeypatch.setattr(zoo, "_create", lambda model, kwargs, seed: NeedsBig())
-    monkeypatch.setattr(zoo, "candidate_configs", lambda model, input_size=None: [({}, (3, 8, 8)), ({}, (3, 9, 9))])
+    monkeypatch.setattr(zoo.check, "_create", lambda model, kwargs, seed: NeedsBig())
+    monkeypatch.setattr(zoo.check, "candidate_configs", lambda model, input_size=None: [({}, (3, 8, 8)), ({}, (3, 9, 9))])
     result = zoo.check_model(zoo.ZooModel("torchvision", "custom"))
     assert result.failed_step == "create" and "no input size works" in result.reason
 
@@ -148,7 +148,7 @@ def _slow_check(model, **kwargs):
 
 
 def test_isolated_run_survives_hangs_and_crashes(monkeypatch, tmp_path):
-    monkeypatch.setattr(zoo, "check_model", _slow_check)  # the forked child sees the patched module
+    monkeypatch.setattr(zoo.runner, "check_model", _slow_check)  # the forked child sees the patched module
     models = [zoo.ZooModel("torchvision", n) for n in ("ok", "hang", "crash", "ok2")]
     seen = []
     report = zoo.run_zoo(models, json_path=tmp_path / "r.json", timeout=3, on_result=lambda r, i, n: seen.append(r.name))
@@ -168,7 +168,7 @@ def test_resume_keeps_finished_models(monkeypatch, tmp_path):
         calls.append(model.name)
         return zoo.ZooResult(source=model.source, name=model.name, status="pass", seconds=0.5)
 
-    monkeypatch.setattr(zoo, "check_model", check)
+    monkeypatch.setattr(zoo.runner, "check_model", check)
     models = [zoo.ZooModel("timm", n, family="f") for n in ("a", "b")]
     path = tmp_path / "r.json"
     zoo.run_zoo(models[:1], json_path=path, isolate=False)
@@ -185,7 +185,7 @@ def test_markdown_report(tmp_path):
         zoo.ZooResult(source="timm", name="weird_net", family="weird", status="fail", failed_step="trace",
                       reason="TraceError: torch.fx cannot trace WeirdNet", seconds=1.0),
     ]
-    report = zoo._make_report(results, {"command": "auglocal zoo --json x", "wall_seconds": 75.0, "complete": True,
+    report = zoo.report._make_report(results, {"command": "auglocal zoo --json x", "wall_seconds": 75.0, "complete": True,
                                          "versions": {"torch": torch.__version__}, "machine": {"cpus": 2}})
     assert report["summary"]["torchvision"]["pass_rate"] == 1.0
     assert report["summary"]["timm"]["pass_rate"] == 0.0
@@ -208,7 +208,7 @@ def test_every_remaining_failure_is_explained():
     if not os.path.exists(path):
         pytest.skip("no committed full zoo report")
     report = zoo.read_json(path)
-    unexplained = [r["name"] for r in report["results"] if r["status"] != "pass" and zoo._limitation(r) is None]
+    unexplained = [r["name"] for r in report["results"] if r["status"] != "pass" and zoo.report._limitation(r) is None]
     assert not unexplained, f"failures without an entry in zoo.KNOWN_LIMITATIONS: {unexplained}"
 
 
@@ -232,9 +232,9 @@ def test_model_lists():
 
 
 def test_family_representative_is_the_smallest(monkeypatch):
-    monkeypatch.setattr(zoo, "timm_families", lambda: {"fam": ["big_one", "small_one", "tiny_too"]})
+    monkeypatch.setattr(zoo.catalog, "timm_families", lambda: {"fam": ["big_one", "small_one", "tiny_too"]})
     counts = {"big_one": 100, "small_one": 5, "tiny_too": 5}
-    monkeypatch.setattr(zoo, "timm_param_counts", lambda names: {n: counts[n] for n in names})
+    monkeypatch.setattr(zoo.catalog, "timm_param_counts", lambda names: {n: counts[n] for n in names})
     (rep,) = zoo.timm_family_representatives()
     assert (rep.name, rep.params, rep.family) == ("tiny_too", 5, "fam")  # ties: the shorter name
 

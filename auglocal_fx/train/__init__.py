@@ -11,11 +11,11 @@ Example::
 package with ``from auglocal_fx.train import ...``.)
 """
 from ._engine import ARTIFACT_DIR, CHECKPOINT_FILE, RunResult, TrainError, TrainResult, train
-from ._recipe import (RULES, ConvertSpec, DataSpec, ModelSpec, OptimizerSpec, Recipe, RecipeError, ScheduleSpec,
-                      list_recipes, load_recipe, parse_overrides)
+from ._recipe import (BACKPROP, ConvertSpec, DataSpec, ModelSpec, OptimizerSpec, Recipe, RecipeError, ScheduleSpec,
+                      known_rules, list_recipes, load_recipe, parse_overrides)
 
 __all__ = [
     "train", "load_recipe", "Recipe", "RecipeError", "TrainError", "TrainResult", "RunResult", "list_recipes",
-    "parse_overrides", "ModelSpec", "ConvertSpec", "DataSpec", "OptimizerSpec", "ScheduleSpec", "RULES",
-    "CHECKPOINT_FILE", "ARTIFACT_DIR",
+    "parse_overrides", "ModelSpec", "ConvertSpec", "DataSpec", "OptimizerSpec", "ScheduleSpec", "BACKPROP",
+    "known_rules", "CHECKPOINT_FILE", "ARTIFACT_DIR",
 ]

@@ -6,14 +6,16 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 __all__ = ["plot_runs"]
 
-_COLORS = {"auglocal": "tab:blue", "bp": "tab:orange"}
+_COLORS = {"auglocal": "tab:blue", "bp": "tab:orange", "dgl": "tab:green", "predsim": "tab:red",
+           "infopro": "tab:purple", "greedy": "tab:brown"}
 
 
 def plot_runs(histories: Mapping[str, Sequence[Dict[str, Any]]], path: Path, *, title: str = "") -> Path:
     """Save a PNG with two panels for one or more runs (keyed by rule):
 
-    left, test top-1 of the final head per epoch (dashed: best aux-net accuracy of the AugLocal run);
-    right, the accuracy of each layer's aux net at the last evaluated epoch, the final head last.
+    left, test top-1 of the final head per epoch;
+    right, the accuracy of each layer's aux net at the last evaluated epoch, the final head last (the paper's
+    layer-wise figure; backprop, which has no aux nets, is its final accuracy as a dashed line).
     """
     import matplotlib
 

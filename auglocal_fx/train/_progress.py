@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["Reporter", "format_losses"]
+__all__ = ["Reporter", "format_losses", "comparison_rows", "comparison_markdown"]
 
 _log = logging.getLogger("auglocal_fx.train")
 _log.addHandler(logging.NullHandler())  # a library: no "last resort" echo of warnings the console already shows
@@ -113,16 +113,37 @@ class Reporter:
         if self.quiet:
             return
         table = Table(title=title)
-        with_memory = any(row.get("peak_mem_mb") for row in rows)  # measured on CUDA only
-        columns = ["rule", "test top-1", "best top-1", "epochs", "time"] + (["peak memory"] if with_memory else [])
-        for column in columns + ["run folder"]:
-            table.add_column(column, justify="left" if column in ("rule", "run folder") else "right")
-        for row in rows:
-            cells = [row["rule"],
-                     "-" if row.get("top1") is None else f"{row['top1']:.2f}%",
-                     "-" if row.get("best_top1") is None else f"{row['best_top1']:.2f}%",
-                     str(row["epochs"]), f"{row['seconds']:.1f}s"]
-            if with_memory:
-                cells.append(f"{row['peak_mem_mb']:,.0f} MiB" if row.get("peak_mem_mb") else "-")
-            table.add_row(*cells, str(row["run_dir"]))
+        header, cells = comparison_rows(rows)
+        for column in header + ["run folder"]:
+            table.add_column(column, justify="left" if column == "rule" else "right")
+        for row, line in zip(rows, cells):
+            table.add_row(*line, str(row["run_dir"]))
         self.console.print(table)
+
+
+def comparison_rows(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
+    """The end-of-training table, one row per rule: header and formatted cells (shared by the console table and
+    the markdown file written next to the runs)."""
+    from ..summary import human_number
+
+    header = ["rule", "test top-1", "best top-1", "epochs", "time", "peak memory", "aux params", "aux FLOPs"]
+    cells = []
+    for row in rows:
+        cells.append([
+            row["rule"],
+            "-" if row.get("top1") is None else f"{row['top1']:.2f}%",
+            "-" if row.get("best_top1") is None else f"{row['best_top1']:.2f}%",
+            str(row["epochs"]),
+            f"{row['seconds']:.1f}s",
+            f"{row['peak_mem_mb']:,.0f} MiB" if row.get("peak_mem_mb") else "-",
+            human_number(row.get("aux_params") or 0),
+            human_number(row.get("aux_flops") or 0),
+        ])
+    return header, cells
+
+
+def comparison_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    header, cells = comparison_rows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join(lines) + "\n"

@@ -14,135 +14,153 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from ._schema import RecipeError, build_dataclass, show_value, spec
+
 __all__ = [
-    "RecipeError", "Recipe", "ModelSpec", "ConvertSpec", "DataSpec", "OptimizerSpec", "ScheduleSpec",
-    "load_recipe", "parse_overrides", "apply_overrides", "list_recipes", "RULES",
+    "RecipeError", "Recipe", "ModelSpec", "ConvertSpec", "DataSpec", "OptimizerSpec", "ScheduleSpec", "ParallelSpec",
+    "load_recipe", "parse_overrides", "apply_overrides", "list_recipes", "known_rules", "BACKPROP",
 ]
 
-RULES = ("auglocal", "bp")
+BACKPROP = "bp"  # end-to-end backprop through the same layers: the baseline every local rule is compared with
+
+
+def known_rules() -> List[str]:
+    """What ``rule:`` accepts: ``bp`` and every registered local-learning rule (auglocal_fx.rules)."""
+    from ..rules import list_rules
+
+    return list_rules() + [BACKPROP]
 _AMP = ("none", "bf16", "fp16")
 _SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used; ``field`` is the dotted name of the offending field (or None)."""
-
-    def __init__(self, message: str, *, field: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _spec(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **checks: Any) -> Any:
-    """A dataclass field carrying its help text and checks (choices, min, gt, max, nonempty)."""
-    meta = {"help": help, **checks}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class ModelSpec:
-    name: str = _spec(help="model name as auglocal_fx.create_model reads it: resnet32 (auglocal_fx's own), "
+    name: str = spec(help="model name as auglocal_fx.create_model reads it: resnet32 (auglocal_fx's own), "
                            "timm:NAME, tv:NAME (torchvision), or package.module:factory")
-    pretrained_file: Optional[str] = _spec(
+    pretrained_file: Optional[str] = spec(
         None, help="local weights file (.pth/.safetensors) to start from; nothing is downloaded")
-    num_classes: Optional[int] = _spec(None, help="classifier size; default: the data set's", min=1)
-    in_chans: Optional[int] = _spec(None, help="input channels; default: the data set's", min=1)
-    kwargs: Dict[str, Any] = _spec(help="extra keyword arguments for the model constructor", factory=dict)
+    pretrained: bool = spec(False, help="start from the model library's own pretrained weights (timm/torchvision): "
+                                         "from its local cache, else downloaded")
+    num_classes: Optional[int] = spec(None, help="classifier size; default: the data set's", min=1)
+    in_chans: Optional[int] = spec(None, help="input channels; default: the data set's", min=1)
+    kwargs: Dict[str, Any] = spec(help="extra keyword arguments for the model constructor", factory=dict)
 
 
 @dataclass
 class ConvertSpec:
-    layers: int = _spec(4, help="number of local layers K (the paper: one per unit)", min=1)
-    aux_depth: int = _spec(2, help="base depth d of the aux nets (units copied from the layers above)", min=1)
-    pyramid: float = _spec(0.5, help="pyramidal depth coefficient tau (0 = same depth for all)", min=0.0, max=1.0)
-    aux_init: str = _spec("copy", help="aux net initialisation", choices=("copy", "fresh"))
-    input_size: Optional[List[int]] = _spec(
+    layers: int = spec(4, help="number of local layers K (the paper: one per unit)", min=1)
+    aux_depth: int = spec(2, help="base depth d of the aux nets (units copied from the layers above)", min=1)
+    pyramid: float = spec(0.5, help="pyramidal depth coefficient tau (0 = same depth for all)", min=0.0, max=1.0)
+    aux_init: str = spec("copy", help="aux net initialisation", choices=("copy", "fresh"))
+    input_size: Optional[List[int]] = spec(
         None, help="(C, H, W) for tracing; default: from the data (channels, img_size, img_size)", length=3)
-    cuts: Optional[List[str]] = _spec(None, help="explicit cut node names (overrides the even split)")
-    leaf_modules: Optional[List[str]] = _spec(None, help="module class names to keep opaque when tracing")
+    cuts: Optional[List[str]] = spec(None, help="explicit cut node names (overrides the even split)")
+    leaf_modules: Optional[List[str]] = spec(None, help="module class names to keep opaque when tracing")
+    rule_options: Dict[str, Dict[str, Any]] = spec(
+        help="options of each local rule, keyed by rule name, e.g. {infopro: {x1: 5.0}} (see docs/rules.md)",
+        factory=dict)
 
 
 @dataclass
 class DataSpec:
-    name: str = _spec(help="data set", choices=(
+    name: str = spec(help="data set", choices=(
         "digits", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10", "imagenet", "imagefolder"))
-    root: Optional[str] = _spec(None, help="data folder (default: $AUGLOCAL_DATA or ~/.cache/auglocal_fx/data)")
-    download: bool = _spec(False, help="download a torchvision data set into root when missing")
-    img_size: Optional[int] = _spec(None, help="training/eval resolution; default: the data set's own", min=1)
-    augment: str = _spec("auto", help="training augmentation",
+    root: Optional[str] = spec(None, help="data folder (default: $AUGLOCAL_DATA or ~/.cache/auglocal_fx/data)")
+    download: bool = spec(False, help="download a torchvision data set into root when missing")
+    img_size: Optional[int] = spec(None, help="training/eval resolution; default: the data set's own", min=1)
+    augment: str = spec("auto", help="training augmentation",
                          choices=("auto", "none", "flip", "crop", "crop_flip", "rrc"))
-    auto_augment: Optional[str] = _spec(None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (augment: rrc)")
-    re_prob: float = _spec(0.0, help="random erasing probability", min=0.0, max=1.0)
-    mean: Optional[List[float]] = _spec(None, help="normalisation mean; default: the data set's")
-    std: Optional[List[float]] = _spec(None, help="normalisation std; default: the data set's")
-    interpolation: str = _spec("bilinear", help="resize interpolation", choices=("bilinear", "bicubic", "nearest"))
-    crop_pct: Optional[float] = _spec(None, help="eval centre-crop fraction; default: the data set's", gt=0.0, max=1.0)
-    train_subset: Optional[int] = _spec(None, help="train on a fixed random subset of this size", min=1)
-    eval_subset: Optional[int] = _spec(None, help="evaluate on a fixed random subset of this size", min=1)
-    num_workers: int = _spec(0, help="DataLoader worker processes", min=0)
-    pin_memory: Optional[bool] = _spec(None, help="pin host memory; default: when training on CUDA")
-    train_dir: str = _spec("train", help="training sub-folder of root (imagenet/imagefolder)")
-    eval_dir: str = _spec("val", help="evaluation sub-folder of root (imagenet/imagefolder)")
+    auto_augment: Optional[str] = spec(None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (augment: rrc)")
+    re_prob: float = spec(0.0, help="random erasing probability", min=0.0, max=1.0)
+    mean: Optional[List[float]] = spec(None, help="normalisation mean; default: the data set's")
+    std: Optional[List[float]] = spec(None, help="normalisation std; default: the data set's")
+    interpolation: str = spec("bilinear", help="resize interpolation", choices=("bilinear", "bicubic", "nearest"))
+    crop_pct: Optional[float] = spec(None, help="eval centre-crop fraction; default: the data set's", gt=0.0, max=1.0)
+    train_subset: Optional[int] = spec(None, help="train on a fixed random subset of this size", min=1)
+    eval_subset: Optional[int] = spec(None, help="evaluate on a fixed random subset of this size", min=1)
+    num_workers: int = spec(0, help="DataLoader worker processes", min=0)
+    pin_memory: Optional[bool] = spec(None, help="pin host memory; default: when training on CUDA")
+    train_dir: str = spec("train", help="training sub-folder of root (imagenet/imagefolder)")
+    eval_dir: str = spec("val", help="evaluation sub-folder of root (imagenet/imagefolder)")
 
 
 @dataclass
 class OptimizerSpec:
-    name: str = _spec("sgd", help="timm optimizer name (sgd = SGD with Nesterov momentum, momentum = without, adamw, ...)")
-    lr: float = _spec(0.1, help="base learning rate", gt=0.0)
-    momentum: float = _spec(0.9, help="momentum (SGD-like optimizers)", min=0.0, max=1.0)
-    weight_decay: float = _spec(1e-4, help="weight decay", min=0.0)
-    filter_bias_and_bn: bool = _spec(True, help="no weight decay on biases and norm weights (timm's default)")
-    betas: Optional[List[float]] = _spec(None, help="Adam-style betas", length=2)
-    eps: Optional[float] = _spec(None, help="Adam-style epsilon", gt=0.0)
+    name: str = spec("sgd", help="timm optimizer name (sgd = SGD with Nesterov momentum, momentum = without, adamw, ...)")
+    lr: float = spec(0.1, help="base learning rate", gt=0.0)
+    momentum: float = spec(0.9, help="momentum (SGD-like optimizers)", min=0.0, max=1.0)
+    weight_decay: float = spec(1e-4, help="weight decay", min=0.0)
+    filter_bias_and_bn: bool = spec(True, help="no weight decay on biases and norm weights (timm's default)")
+    betas: Optional[List[float]] = spec(None, help="Adam-style betas", length=2)
+    eps: Optional[float] = spec(None, help="Adam-style epsilon", gt=0.0)
+    per_layer: bool = spec(False, help="one optimizer per local layer, stepped right after that layer's backward "
+                                        "(its gradients are dropped at once); the same update as one step per batch")
 
 
 @dataclass
 class ScheduleSpec:
-    name: str = _spec("cosine", help="timm learning-rate schedule, stepped once per epoch", choices=_SCHEDULES)
-    warmup_epochs: int = _spec(0, help="linear warm-up epochs", min=0)
-    warmup_lr: float = _spec(1e-5, help="learning rate at the start of warm-up", min=0.0)
-    min_lr: float = _spec(0.0, help="floor of the decay", min=0.0)
-    decay_epochs: Optional[float] = _spec(None, help="step: epochs between decays", gt=0.0)
-    decay_milestones: Optional[List[int]] = _spec(None, help="multistep: epochs at which to decay")
-    decay_rate: float = _spec(0.1, help="step/multistep: decay factor", gt=0.0)
+    name: str = spec("cosine", help="timm learning-rate schedule, stepped once per epoch", choices=_SCHEDULES)
+    warmup_epochs: int = spec(0, help="linear warm-up epochs", min=0)
+    warmup_lr: float = spec(1e-5, help="learning rate at the start of warm-up", min=0.0)
+    min_lr: float = spec(0.0, help="floor of the decay", min=0.0)
+    decay_epochs: Optional[float] = spec(None, help="step: epochs between decays", gt=0.0)
+    decay_milestones: Optional[List[int]] = spec(None, help="multistep: epochs at which to decay")
+    decay_rate: float = spec(0.1, help="step/multistep: decay factor", gt=0.0)
+
+
+@dataclass
+class ParallelSpec:
+    stages: int = spec(1, help="layer-parallel pipeline stages S: contiguous groups of local layers on S processes "
+                                "training S batches at once (the processes / S are data-parallel replicas)", min=1)
+    placement: Optional[List[List[int]]] = spec(
+        None, help="local layers of each stage, e.g. [[0, 1, 2], [3, 4]]; default: balanced by `balance`")
+    balance: str = spec("flops", help="what the default placement balances: the plan's training FLOPs, or the "
+                                      "layers' step times measured on rank 0 at start", choices=("flops", "measured"))
 
 
 @dataclass
 class Recipe:
-    model: ModelSpec = _spec(help="the model to train")
-    data: DataSpec = _spec(help="the data set")
-    convert: ConvertSpec = _spec(help="how auglocal_fx.convert splits the model", factory=ConvertSpec)
-    optimizer: OptimizerSpec = _spec(help="one optimizer over backbone and aux nets", factory=OptimizerSpec)
-    schedule: ScheduleSpec = _spec(help="learning-rate schedule", factory=ScheduleSpec)
-    rule: Union[str, List[str]] = _spec("auglocal", help="auglocal, bp (end-to-end baseline), or a list to run both")
-    name: Optional[str] = _spec(None, help="run name (default: the recipe file's name)")
-    description: Optional[str] = _spec(None, help="free text")
-    epochs: int = _spec(10, help="training epochs", min=1)
-    batch_size: int = _spec(128, help="training batch size", min=1)
-    eval_batch_size: Optional[int] = _spec(None, help="evaluation batch size; default: batch_size", min=1)
-    amp: str = _spec("none", help="automatic mixed precision", choices=_AMP)
-    channels_last: bool = _spec(False, help="NHWC memory format (faster convs on recent GPUs)")
-    compile: bool = _spec(False, help="torch.compile each local layer and aux net")
-    seed: int = _spec(0, help="random seed (model init, data order, augmentation)", min=0)
-    deterministic: bool = _spec(False, help="deterministic kernels (bit-identical resume on CPU)")
-    device: str = _spec("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
-    num_threads: Optional[int] = _spec(
+    model: ModelSpec = spec(help="the model to train")
+    data: DataSpec = spec(help="the data set")
+    convert: ConvertSpec = spec(help="how auglocal_fx.convert splits the model", factory=ConvertSpec)
+    optimizer: OptimizerSpec = spec(help="one optimizer over backbone and aux nets", factory=OptimizerSpec)
+    schedule: ScheduleSpec = spec(help="learning-rate schedule", factory=ScheduleSpec)
+    parallel: ParallelSpec = spec(help="layer-parallel training (pipeline stages)", factory=ParallelSpec)
+    rule: Union[str, List[str]] = spec(
+        "auglocal", help="a local rule (auglocal, dgl, predsim, infopro, greedy), bp (end-to-end baseline), or a "
+                         "list to train each in turn on the same data, seed and budget")
+    name: Optional[str] = spec(None, help="run name (default: the recipe file's name)")
+    description: Optional[str] = spec(None, help="free text")
+    epochs: int = spec(10, help="training epochs", min=1)
+    batch_size: int = spec(128, help="training batch size", min=1)
+    eval_batch_size: Optional[int] = spec(None, help="evaluation batch size; default: batch_size", min=1)
+    amp: str = spec("none", help="automatic mixed precision", choices=_AMP)
+    channels_last: bool = spec(False, help="NHWC memory format (faster convs on recent GPUs)")
+    compile: bool = spec(False, help="torch.compile each local layer and aux net")
+    seed: int = spec(0, help="random seed (model init, data order, augmentation)", min=0)
+    deterministic: bool = spec(False, help="deterministic kernels (bit-identical resume on CPU)")
+    device: str = spec("auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+    num_threads: Optional[int] = spec(
         None, help="CPU threads for torch ops (torch.set_num_threads); default: torch's choice", min=1)
-    label_smoothing: float = _spec(0.0, help="cross-entropy label smoothing (all losses)", min=0.0, max=1.0)
-    grad_clip: Optional[float] = _spec(None, help="clip the global gradient norm to this value", gt=0.0)
-    eval_every: int = _spec(1, help="evaluate every N epochs (and always after the last)", min=1)
-    limit_train_batches: Optional[int] = _spec(None, help="stop each epoch after N batches (smoke runs)", min=1)
-    limit_eval_batches: Optional[int] = _spec(None, help="evaluate on the first N batches only", min=1)
-    output_dir: Optional[str] = _spec(None, help="where runs are written (default: runs/<name>)")
+    label_smoothing: float = spec(0.0, help="cross-entropy label smoothing (all losses)", min=0.0, max=1.0)
+    grad_clip: Optional[float] = spec(None, help="clip the global gradient norm to this value", gt=0.0)
+    eval_every: int = spec(1, help="evaluate every N epochs (and always after the last)", min=1)
+    limit_train_batches: Optional[int] = spec(None, help="stop each epoch after N batches (smoke runs)", min=1)
+    limit_eval_batches: Optional[int] = spec(None, help="evaluate on the first N batches only", min=1)
+    output_dir: Optional[str] = spec(None, help="where runs are written (default: runs/<name>)")
+    sync_bn: bool = spec(False, help="data-parallel runs on CUDA: BatchNorm statistics over the global batch "
+                                      "(SyncBatchNorm); refused on CPU (gloo)")
+    bucket_cap_mb: float = spec(4.0, help="data-parallel runs: gradients of consecutive local layers are averaged "
+                                           "in one all-reduce until it holds this many MiB", gt=0.0)
+    dist_timeout: float = spec(600.0, help="data-parallel runs: seconds a collective may wait for the other ranks "
+                                            "before every rank stops with an error", gt=0.0)
 
     @property
     def rules(self) -> List[str]:
@@ -158,171 +176,28 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
         """Build and validate a recipe from a plain mapping (raises :class:`RecipeError`)."""
-        recipe = _build(cls, data, prefix="")
+        recipe = build_dataclass(cls, data, prefix="")
         _check_recipe(recipe)
         return recipe
-
-
-# --------------------------------------------------------------------------------------------------
-# Generic validation driven by the dataclass type hints and field metadata.
-
-def _where(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _build(cls: type, data: Any, *, prefix: str) -> Any:
-    label = f"recipe field {prefix!r}" if prefix else "a recipe"
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{label} must be a mapping of fields, got {_show(data)}", field=prefix or None)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(
-                f"recipe field {_where(prefix, str(key))!r} is not known{hint}; "
-                f"accepted{' in ' + repr(prefix) if prefix else ''}: {', '.join(fields)}",
-                field=_where(prefix, str(key)),
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        where = _where(prefix, name)
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"recipe field {where!r} is required: {f.metadata.get('help', '')}", field=where)
-            continue
-        kwargs[name] = _coerce(data[name], hints[name], where, f.metadata)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, where: str, meta: Mapping[str, Any]) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=where)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        options = [a for a in args if a is not type(None)]
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecipeError(f"recipe field {where!r} must be set: {_describe(tp, meta)}", field=where)
-        errors = []
-        for option in options:  # str before list keeps `rule: bp` a string
-            try:
-                return _coerce(value, option, where, meta)
-            except RecipeError as e:
-                errors.append((option, e))
-        # The error of the option the value was meant for is the useful one (a list for a list field, ...).
-        for option, error in errors:
-            if len(options) == 1 or (isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, List)):
-                raise RecipeError(str(error).replace(" or null", ""), field=error.field) from None
-        raise RecipeError(f"recipe field {where!r} must be {_describe(tp, meta)}, got {_show(value)}", field=where)
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"recipe field {where!r} must be {_describe(tp, meta)}, got {_show(value)}", field=where)
-        if "length" in meta and len(value) != meta["length"]:
-            raise RecipeError(
-                f"recipe field {where!r} must be a list of {meta['length']} values, got {_show(value)}", field=where)
-        (item_tp,) = args
-        return [_coerce(v, item_tp, f"{where}[{i}]", {}) for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise RecipeError(f"recipe field {where!r} must be a mapping with string keys, got {_show(value)}",
-                              field=where)
-        return dict(value)
-    if tp is Any:
-        return value
-    return _check_scalar(_scalar(value, tp, where, meta), where, meta, shown=_show(value))
-
-
-def _scalar(value: Any, tp: type, where: str, meta: Mapping[str, Any]) -> Any:
-    bad = RecipeError(f"recipe field {where!r} must be {_describe(tp, meta)}, got {_show(value)}", field=where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it plainly is.
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str) and value:
-            return value
-        raise bad
-    raise TypeError(f"unsupported recipe field type {tp!r} for {where}")  # a bug in the schema itself
-
-
-def _check_scalar(value: Any, where: str, meta: Mapping[str, Any], *, shown: str) -> Any:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(
-            f"recipe field {where!r} must be one of {', '.join(map(str, choices))}; got {shown}{hint}",
-            field=where)
-    if "min" in meta and value < meta["min"]:
-        raise RecipeError(f"recipe field {where!r} must be >= {meta['min']}, got {shown}", field=where)
-    if "gt" in meta and value <= meta["gt"]:
-        raise RecipeError(f"recipe field {where!r} must be > {meta['gt']}, got {shown}", field=where)
-    if "max" in meta and value > meta["max"]:
-        raise RecipeError(f"recipe field {where!r} must be <= {meta['max']}, got {shown}", field=where)
-    return value
-
-
-def _describe(tp: Any, meta: Mapping[str, Any]) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Union:
-        text = " or ".join(_describe(a, meta) for a in args if a is not type(None))
-        return text + (" or null" if type(None) in args else "")
-    if origin in (list, List):
-        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-        return f"a list of {plural.get(args[0], 'values')}"
-    if origin in (dict, Dict):
-        return "a mapping"
-    if "choices" in meta:
-        return "one of " + ", ".join(map(str, meta["choices"]))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}
-    text = names.get(tp, getattr(tp, "__name__", str(tp)))
-    if tp in (int, float):
-        bounds = [f"{op} {meta[key]}" for key, op in (("min", ">="), ("gt", ">"), ("max", "<=")) if key in meta]
-        text += (" " + " and ".join(bounds)) if bounds else ""
-    return text
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-    if text.endswith("\n...") or text.endswith(" ..."):
-        text = text[:-4].strip()
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_recipe(r: Recipe) -> None:
     """Checks that involve more than one field, or knowledge outside the schema."""
     rules = r.rules
+    accepted = known_rules()
     if not rules:
-        raise RecipeError("recipe field 'rule' must name at least one of auglocal, bp", field="rule")
+        raise RecipeError(f"recipe field 'rule' must name at least one of {', '.join(accepted)}", field="rule")
     for i, rule in enumerate(rules):
-        if rule not in RULES:
+        if rule not in accepted:
             where = "rule" if isinstance(r.rule, str) else f"rule[{i}]"
-            raise RecipeError(f"recipe field {where!r} must be one of {', '.join(RULES)}; got {rule!r}", field=where)
+            raise RecipeError(f"recipe field {where!r} must be one of {', '.join(accepted)}; got {rule!r}", field=where)
     if len(set(rules)) != len(rules):
         raise RecipeError(f"recipe field 'rule' lists a rule twice: {rules}", field="rule")
+    _check_rule_options(r.convert.rule_options)
+    if r.model.pretrained and r.model.pretrained_file is not None:
+        raise RecipeError("recipe fields 'model.pretrained' (the library's weights, fetched) and "
+                          "'model.pretrained_file' (a local file) exclude each other: set only one",
+                          field="model.pretrained")
     if not _DEVICE_RE.match(r.device):
         raise RecipeError(f"recipe field 'device' must be auto, cpu, cuda, cuda:N or mps; got {r.device!r}",
                           field="device")
@@ -351,8 +226,40 @@ def _check_recipe(r: Recipe) -> None:
     if s.name == "multistep" and not s.decay_milestones:
         raise RecipeError("recipe field 'schedule.decay_milestones' is required for schedule.name multistep",
                           field="schedule.decay_milestones")
+    _check_parallel(r)
     if r.amp == "fp16" and r.device == "cpu":
         raise RecipeError("recipe field 'amp' fp16 needs a GPU; use bf16 on CPU (or device: auto/cuda)", field="amp")
+
+
+def _check_parallel(r: Recipe) -> None:
+    from ..distributed._placement import PlacementError, check_placement
+
+    p = r.parallel
+    if p.placement is not None:
+        try:
+            check_placement(p.placement, stages=p.stages)
+        except PlacementError as exc:
+            raise RecipeError(f"recipe field 'parallel.placement': {exc}", field="parallel.placement") from None
+    if p.stages > 1 and r.convert.cuts is None and p.stages > r.convert.layers:
+        raise RecipeError(f"recipe field 'parallel.stages' ({p.stages}) must be at most convert.layers "
+                          f"({r.convert.layers}): every stage trains at least one local layer", field="parallel.stages")
+
+
+def _check_rule_options(options: Mapping[str, Any]) -> None:
+    from ..errors import ConversionError
+    from ..rules import get_rule, list_rules
+
+    for name, given in options.items():
+        where = f"convert.rule_options.{name}"
+        if name not in list_rules():
+            raise RecipeError(f"recipe field 'convert.rule_options' has options for {name!r}, which is not a local "
+                              f"rule; accepted: {', '.join(list_rules())}", field="convert.rule_options")
+        if not isinstance(given, Mapping):
+            raise RecipeError(f"recipe field {where!r} must map option names to values, got {given!r}", field=where)
+        try:
+            get_rule(name).resolve_options(given)
+        except ConversionError as exc:
+            raise RecipeError(f"recipe field {where!r}: {exc}", field=where) from None
 
 
 def _check_optimizer(name: str) -> None:
@@ -470,7 +377,7 @@ def load_recipe(
     if overrides:
         pairs = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
         if not isinstance(data, Mapping):
-            raise RecipeError(f"a recipe must be a mapping of fields, got {_show(data)}")
+            raise RecipeError(f"a recipe must be a mapping of fields, got {show_value(data)}")
         data = apply_overrides(data, pairs)
     recipe = Recipe.from_dict(data)
     if recipe.name is None and name is not None:
