@@ -133,20 +133,9 @@ def test_bench_on_cuda(cpu_lm):
 
 def test_short_train_run_on_cuda(tmp_path):
     from auglocal_fx.cli.main import main
+    from test_train import tiny
 
-    recipe = {
-        "name": "tiny-cuda",
-        "model": {"name": "resnet8", "kwargs": {"width": 4}},
-        "convert": {"layers": 3, "aux_depth": 2},
-        "data": {"name": "digits", "train_subset": 256, "eval_subset": 128},
-        "optimizer": {"name": "sgd", "lr": 0.05},
-        "schedule": {"name": "cosine"},
-        "epochs": 2,
-        "batch_size": 64,
-        "seed": 1,
-        "device": "cuda",
-        "amp": "bf16",
-    }
+    recipe = tiny(name="tiny-cuda", device="cuda", amp="bf16", batch_size=64, deterministic=False, num_threads=None)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(main, ["train", str(path), "-q", "-o", str(tmp_path / "run")])

@@ -147,9 +147,11 @@ class Rule:
         return resolved
 
     def weights(self, ctx: LossContext) -> Tuple[float, float]:
-        """(lambda_x, lambda_y) of layer ``ctx.layer`` from the options ``x1, x2, y1, y2``."""
+        """(lambda_x, lambda_y) of layer ``ctx.layer`` from the options ``x1, x2, y1, y2``; a rule without ``x``
+        options has no extra loss (0), one without ``y`` options weighs cross-entropy 1."""
         o = ctx.options
-        return loss_weights(ctx.layer, ctx.num_layers, (o["x1"], o["x2"]), (o["y1"], o["y2"]))
+        return loss_weights(ctx.layer, ctx.num_layers, (o.get("x1", 0.0), o.get("x2", 0.0)),
+                            (o.get("y1", 1.0), o.get("y2", 1.0)))
 
     # -- the three steps ---------------------------------------------------------------------------------
     def plan_aux(self, layer: LayerSpec, ctx: PlanContext) -> AuxSpec:
@@ -159,8 +161,10 @@ class Rule:
         raise NotImplementedError
 
     def loss(self, aux: nn.Module, h: torch.Tensor, target: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-        """Default: cross-entropy (``ctx.loss_fn``) on the aux net's logits."""
-        return ctx.loss_fn(aux(h), target)
+        """Default: cross-entropy (``ctx.loss_fn``) on the aux net's logits, weighted by ``lambda_y``."""
+        _, weight_ce = self.weights(ctx)
+        loss = ctx.loss_fn(aux(h), target)
+        return loss if weight_ce == 1.0 else weight_ce * loss
 
     def describe(self, spec: AuxSpec) -> str:
         """One short line for summaries: what the aux net is made of."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..plan import AuxSpec, LayerSpec
-from ._base import BuildContext, LossContext, PlanContext, Rule, loss_weights, register_rule
+from ._base import BuildContext, PlanContext, Rule, register_rule
 from ._maps import feature_map, map_note, reference_init, to_map
 
 __all__ = ["DGL", "DGLAux"]
@@ -85,10 +85,3 @@ class DGL(Rule):
     def build_aux(self, spec: AuxSpec, ctx: Optional[BuildContext]) -> nn.Module:
         return DGLAux(spec.net)
 
-    def weights(self, ctx: LossContext):
-        o = ctx.options
-        return loss_weights(ctx.layer, ctx.num_layers, (0.0, 0.0), (o["y1"], o["y2"]))
-
-    def loss(self, aux: nn.Module, h: torch.Tensor, target: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-        _, weight_ce = self.weights(ctx)
-        return weight_ce * ctx.loss_fn(aux(h), target)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from ..plan import AuxSpec, LayerSpec
-from ._base import BuildContext, LossContext, PlanContext, Rule, loss_weights, register_rule
+from ._base import BuildContext, PlanContext, Rule, register_rule
 from ._maps import feature_map, map_note, to_map
 
 __all__ = ["Greedy"]
@@ -38,10 +37,3 @@ class Greedy(Rule):
         net = spec.net
         return nn.Sequential(to_map(net), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(net["map"][0], net["classes"]))
 
-    def weights(self, ctx: LossContext):
-        o = ctx.options
-        return loss_weights(ctx.layer, ctx.num_layers, (0.0, 0.0), (o["y1"], o["y2"]))
-
-    def loss(self, aux: nn.Module, h: torch.Tensor, target: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-        _, weight_ce = self.weights(ctx)
-        return weight_ce * ctx.loss_fn(aux(h), target)

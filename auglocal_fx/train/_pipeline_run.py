@@ -39,7 +39,7 @@ from ._metrics import MetricsWriter
 from ._progress import Reporter, format_losses
 from ._recipe import BACKPROP, Recipe
 from ._results import RunResult, TrainError
-from ._run import Run
+from ._run import NoMetrics, Run
 from ._run_state import recipe_changes
 from ._setup import build_data, build_model, build_optimizer, build_scheduler, seed_everything
 
@@ -170,7 +170,7 @@ class PipelineRun(Run):
         if train_batches == 0:
             raise TrainError(f"the training set has fewer samples than batch_size ({r.batch_size}); lower batch_size")
         self.steps_per_epoch = min(train_batches, r.limit_train_batches or train_batches)
-        self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
+        self.metrics = MetricsWriter(self.run_dir) if self.is_main else NoMetrics()
         # Replica 0 keeps a plain run's random streams; the others draw dropout and augmentation of their own.
         seed = rank_seed(r.seed, self.replica)
         seed_everything(seed)
@@ -410,53 +410,19 @@ class PipelineRun(Run):
         return int(state["next_epoch"]), int(state["next_step"]), state["epoch_stats"]
 
     # -- the run ----------------------------------------------------------------------------------------------
-    def run(self, *, resume: bool) -> RunResult:
+    def _announce(self) -> None:
         r = self.recipe
-        self._setup()
-        self.history: List[Dict[str, Any]] = []
-        self.best_top1: Optional[float] = None
-        self.elapsed = 0.0
-        start_epoch, start_step, epoch_stats = 0, 0, None
-        if resume and self.ckpt_path.exists():
-            start_epoch, start_step, epoch_stats = self._restore()
-            where = f"epoch {start_epoch + 1}" + (f", batch {start_step + 1}" if start_step else "")
-            if start_epoch < r.epochs:
-                self.reporter.message(f"[{self.rule}] resuming {self.ckpt_path} at {where}")
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
-            self.reporter.message(
-                f"[{self.rule}] {r.model.name} on {r.data.name}: {self.num_layers} local layers on "
-                f"{len(self.placement.stages)} stages x {self.replicas} replica(s), {self.steps_per_epoch} "
-                f"batches/epoch per replica")
-            self.reporter.message(self.placement.describe())
-        if self.scheduler is not None:
-            self.scheduler.step(start_epoch)
-        interrupted = False
-        try:
-            for epoch in range(start_epoch, r.epochs):
-                stats = self._train_epoch(epoch, start_step if epoch == start_epoch else 0,
-                                          epoch_stats if epoch == start_epoch else None)
-                if stats is None:
-                    interrupted = True
-                    break
-                if self.scheduler is not None:
-                    self.scheduler.step(epoch + 1)
-                record = self._epoch_record(epoch, stats)
-                record["placement"] = self.placement.stages
-                self.history.append(record)
-                if self.is_main:
-                    self.metrics.write(self.history)
-                    self.reporter.epoch_line(record, epochs=r.epochs)
-                self._save(next_epoch=epoch + 1, next_step=0, epoch_stats=None)
-                if self._any(self.stopper.stop_now) and epoch + 1 < r.epochs:
-                    interrupted = True
-                    break
-        finally:
-            self.reporter.finish_task()
-            if self.metrics is not None:
-                self.metrics.close()
-        return self._result(interrupted=interrupted)
+        self.reporter.message(
+            f"[{self.rule}] {r.model.name} on {r.data.name}: {self.num_layers} local layers on "
+            f"{len(self.placement.stages)} stages x {self.replicas} replica(s), {self.steps_per_epoch} "
+            f"batches/epoch per replica")
+        self.reporter.message(self.placement.describe())
+
+    def _stop_agreed(self) -> bool:
+        return self._any(self.stopper.stop_now)
+
+    def _epoch_record(self, epoch: int, stats: Dict[str, Any]) -> Dict[str, Any]:
+        return {**super()._epoch_record(epoch, stats), "placement": self.placement.stages}
 
     def _result(self, *, interrupted: bool) -> RunResult:
         if not interrupted and self.history:

@@ -103,7 +103,7 @@ class Run(CheckpointState):
         if train_batches == 0:
             raise TrainError(f"the training set has fewer samples than batch_size ({r.batch_size}); lower batch_size")
         self.steps_per_epoch = min(train_batches, r.limit_train_batches or train_batches)
-        self.metrics = MetricsWriter(self.run_dir) if ctx.is_main else _NoMetrics()
+        self.metrics = MetricsWriter(self.run_dir) if ctx.is_main else NoMetrics()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -136,15 +136,7 @@ class Run(CheckpointState):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         if start_epoch == 0 and start_step == 0:
-            where = (f"{self.ctx.world_size} ranks ({self.ctx.backend}, {self.device.type}), "
-                     f"{r.batch_size // self.ctx.world_size} images each per batch" if self.ctx.distributed
-                     else f"device {self.device}")
-            backbone = f"{sum(p.numel() for p in self.lm.backbone_parameters()):,} backbone"
-            what = (f"{self.num_layers} local layers, {backbone} + "
-                    f"{sum(p.numel() for p in self.lm.aux_parameters()):,} aux parameters" if self.local
-                    else f"end-to-end backprop through the same {self.num_layers} layers, {backbone} parameters")
-            self.reporter.message(f"[{self.rule}] {r.model.name} on {r.data.name}: {what}, {where}, "
-                                  f"{self.steps_per_epoch} batches/epoch")
+            self._announce()
         if self.scheduler is not None:
             self.scheduler.step(start_epoch)
 
@@ -170,6 +162,19 @@ class Run(CheckpointState):
             self.reporter.finish_task()
             self.metrics.close()
         return self._result(interrupted=interrupted)
+
+    def _announce(self) -> None:
+        """The line that starts a new run: what is trained, where, and how many batches an epoch has."""
+        r = self.recipe
+        where = (f"{self.ctx.world_size} ranks ({self.ctx.backend}, {self.device.type}), "
+                 f"{r.batch_size // self.ctx.world_size} images each per batch" if self.ctx.distributed
+                 else f"device {self.device}")
+        backbone = f"{sum(p.numel() for p in self.lm.backbone_parameters()):,} backbone"
+        what = (f"{self.num_layers} local layers, {backbone} + "
+                f"{sum(p.numel() for p in self.lm.aux_parameters()):,} aux parameters" if self.local
+                else f"end-to-end backprop through the same {self.num_layers} layers, {backbone} parameters")
+        self.reporter.message(f"[{self.rule}] {r.model.name} on {r.data.name}: {what}, {where}, "
+                              f"{self.steps_per_epoch} batches/epoch")
 
     def _train_epoch(self, epoch: int, start_step: int, stats: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         from ..data import set_loader_epoch
@@ -409,7 +414,7 @@ class Run(CheckpointState):
         return target
 
 
-class _NoMetrics:
+class NoMetrics:
     """The metrics writer of ranks other than 0: they write nothing."""
 
     def write(self, history: Any) -> None:
