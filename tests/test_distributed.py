@@ -159,8 +159,10 @@ def _cmdline(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through /proc")
-def test_killing_one_rank_stops_every_rank(tmp_path):
-    rec = recipe(epochs=500, data__train_subset=320)  # a checkpoint every few seconds, and long enough to kill
+@pytest.mark.parametrize("stages", [1, 2], ids=["data-parallel", "layer-parallel"])
+def test_killing_one_rank_stops_every_rank(tmp_path, stages):
+    # a checkpoint every few seconds, and long enough to kill; with 2 stages, rank 1 is the second stage
+    rec = recipe(epochs=500, data__train_subset=320, parallel={"stages": stages})
     launcher = _launch(tmp_path, rec)
     try:
         deadline = time.monotonic() + 120
