@@ -16,7 +16,37 @@ from typing import List, Sequence
 
 from .errors import ConversionError
 
-__all__ = ["group_units", "refine_cuts"]
+__all__ = ["linear_partition", "group_units", "refine_cuts"]
+
+
+def linear_partition(costs: Sequence[float], groups: int, *, later_cuts: bool = False) -> List[int]:
+    """Where each of groups 2..G starts, for the contiguous split of ``costs`` into ``groups`` non-empty groups
+    whose largest sum is as small as possible (exact dynamic programming, O(G x n^2)). Among equally good splits
+    the earliest cuts win, or the latest ones with ``later_cuts`` (more items in the earlier groups)::
+
+        >>> linear_partition([4, 1, 1, 1, 1], 2), linear_partition([1, 1, 1, 1], 2, later_cuts=True)
+        ([1], [2])
+    """
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: smallest largest-group sum splitting the first i items into k groups; cut[k][i]: its last cut.
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for k in range(1, groups + 1):
+        for i in range(k, n - (groups - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] or (later_cuts and value == best[k][i]):
+                    best[k][i], cut[k][i] = value, j
+    starts, i = [], n
+    for k in range(groups, 1, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
 
 
 def group_units(flops: Sequence[int], layers: int) -> List[int]:
@@ -24,27 +54,7 @@ def group_units(flops: Sequence[int], layers: int) -> List[int]:
     n = len(flops)
     if layers >= n:
         return list(range(1, n))
-    prefix = [0]
-    for f in flops:
-        prefix.append(prefix[-1] + max(int(f), 1))
-    inf = float("inf")
-    # best[k][i]: smallest max-group cost splitting the first i units into k groups.
-    best = [[inf] * (n + 1) for _ in range(layers + 1)]
-    choice = [[0] * (n + 1) for _ in range(layers + 1)]
-    best[0][0] = 0
-    for k in range(1, layers + 1):
-        for i in range(k, n - (layers - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], choice[k][i] = cost, j
-    starts, i = [], n
-    for k in range(layers, 0, -1):
-        j = choice[k][i]
-        if k > 1:
-            starts.append(j)
-        i = j
-    return sorted(starts)
+    return linear_partition([max(int(f), 1) for f in flops], layers)
 
 
 def refine_cuts(

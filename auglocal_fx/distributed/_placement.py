@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
+from .._partition import linear_partition
+
 __all__ = ["Placement", "PlacementError", "plan_costs", "measured_costs", "timed_layer_costs", "balanced_placement",
            "check_placement", "make_placement"]
 
@@ -153,27 +155,10 @@ def balanced_placement(costs: Sequence[float], *, stages: int, source: str = "pl
     if stages > k:
         raise PlacementError(f"parallel.stages is {stages} but the model has only {k} local layers; use at most "
                              f"{k} stages or more local layers (convert.layers)")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    # best[s][i]: the smallest largest-stage cost splitting layers [0, i) into s stages; cut[s][i]: the last cut.
-    best = [[inf] * (k + 1) for _ in range(stages + 1)]
-    cut = [[0] * (k + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, k - (stages - s) + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value <= best[s][i]:  # '<=': a later cut, more layers before it
-                    best[s][i], cut[s][i] = value, j
-    groups: List[List[int]] = []
-    i = k
-    for s in range(stages, 0, -1):
-        j = cut[s][i]
-        groups.append(list(range(j, i)))
-        i = j
-    return Placement(stages=groups[::-1], costs=[float(c) for c in costs], source=source)
+    # Ties go to later cuts: the last stage, which also runs the head, is the lighter one.
+    bounds = [0] + linear_partition([float(c) for c in costs], stages, later_cuts=True) + [k]
+    groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    return Placement(stages=groups, costs=[float(c) for c in costs], source=source)
 
 
 def check_placement(placement: Any, *, num_layers: Optional[int] = None, stages: Optional[int] = None) -> List[List[int]]:

@@ -23,7 +23,19 @@ import torch.nn as nn
 
 from ._registry import register_model
 
-__all__ = ["BasicBlock", "CifarResNet", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+__all__ = ["BasicBlock", "CifarResNet", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+           "reference_init"]
+
+
+def reference_init(module: nn.Module) -> nn.Module:
+    """The reference's init of every conv (its ResNets and its aux nets): ``N(0, sqrt(2 / (k*k*out)))``; BN 1 and 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 class BasicBlock(nn.Module):
@@ -111,12 +123,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self, *, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        reference_init(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, BasicBlock):

@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.cifar_resnet import reference_init  # noqa: F401  (re-exported for the rules)
+
 from .._adapters import infer_layout
 from ..errors import ConversionError
 from ..plan import LayerSpec
@@ -125,17 +127,6 @@ def later_downsampling(layer: LayerSpec, ctx: PlanContext, here: Sequence[int]) 
         if later[1] * later[2] < positions:
             return later
     return None
-
-
-def reference_init(module: nn.Module) -> nn.Module:
-    """The reference harness's init of every conv, aux nets included: ``N(0, sqrt(2 / (k*k*out)))``; BN 1 and 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    return module
 
 
 def to_map(net: Dict[str, Any]) -> ToMap:
