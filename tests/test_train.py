@@ -219,3 +219,30 @@ def test_loss_display_is_compact():
     assert format_losses([2.0, 1.5, 1.25]) == "L0 2.000 L1 1.500 L2 1.250"
     shown = format_losses([float(k) for k in range(55)]).split()
     assert len(shown) == 16 and shown[0] == "L0" and shown[-2] == "L54"  # 8 of 55 layers, first and last kept
+
+
+def test_resuming_does_not_fetch_pretrained_weights(tmp_path, monkeypatch):
+    """The checkpoint replaces the starting weights: a resumed run must not ask the hub for them (offline)."""
+    import auglocal_fx.hub as hub
+
+    asked = []
+    original = hub.create_model
+
+    def create_model(name, *, pretrained=False, pretrained_file=None, **kwargs):
+        asked.append(pretrained)
+        return original(name, **kwargs)  # resnet8 has no published weights: build it fresh either way
+
+    monkeypatch.setattr(hub, "create_model", create_model)
+    rec = tiny(epochs=2, limit_train_batches=2, model={"name": "resnet8", "kwargs": {"width": 4}, "pretrained": True})
+    stop = threading.Event()
+    original_write = _run.MetricsWriter.write
+
+    def write_then_stop(self, history):
+        original_write(self, history)
+        stop.set()
+
+    monkeypatch.setattr(_run.MetricsWriter, "write", write_then_stop)
+    assert train(rec, output_dir=tmp_path, quiet=True, stop=stop).interrupted
+    monkeypatch.setattr(_run.MetricsWriter, "write", original_write)
+    train(rec, output_dir=tmp_path, quiet=True, resume=True)
+    assert asked == [True, False]

@@ -125,7 +125,7 @@ class PipelineRun(Run):
         seed_everything(r.seed)
         # Data-parallel replicas of stage 0 each read their shard of every global batch.
         self.data = build_data(r, self.device, num_replicas=self.replicas, rank=self.replica)
-        model = build_model(r, self.data)
+        model = build_model(r, self.data, resuming=self.resuming)
         c = r.convert
         input_size = tuple(c.input_size) if c.input_size else (self.data.in_chans, self.data.img_size,
                                                                self.data.img_size)

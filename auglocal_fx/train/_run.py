@@ -48,6 +48,7 @@ class Run(CheckpointState):
         self.stopper = stopper
         self.ckpt_path = run_dir / CHECKPOINT_FILE
         self.local = rule != BACKPROP  # a local-learning rule: K losses, layer-wise accuracy
+        self.resuming = False
 
     # -- setup --------------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -59,7 +60,7 @@ class Run(CheckpointState):
         seed_everything(r.seed)
         self.data = build_data(r, self.device, num_replicas=ctx.world_size if ctx.distributed else 1,
                                rank=ctx.rank if ctx.distributed else 0)
-        model = build_model(r, self.data)
+        model = build_model(r, self.data, resuming=self.resuming)
         c = r.convert
         input_size = tuple(c.input_size) if c.input_size else (self.data.in_chans, self.data.img_size,
                                                                self.data.img_size)
@@ -120,6 +121,7 @@ class Run(CheckpointState):
     # -- the run ------------------------------------------------------------------------------------------
     def run(self, *, resume: bool) -> RunResult:
         r = self.recipe
+        self.resuming = resume and self.ckpt_path.exists()  # then the checkpoint gives the starting weights
         self._setup()
         self.history: List[Dict[str, Any]] = []
         self.best_top1: Optional[float] = None

@@ -101,7 +101,9 @@ def build_data(recipe: Recipe, device: torch.device, *, num_replicas: int = 1, r
     )
 
 
-def build_model(recipe: Recipe, data: RunData) -> nn.Module:
+def build_model(recipe: Recipe, data: RunData, *, resuming: bool = False) -> nn.Module:
+    """The recipe's model. When ``resuming``, the checkpoint's weights replace the starting ones, so pretrained
+    weights are not fetched (a resumed run needs no network)."""
     from ..hub import create_model
 
     m = recipe.model
@@ -110,8 +112,9 @@ def build_model(recipe: Recipe, data: RunData) -> nn.Module:
     if in_chans != 3 or m.in_chans is not None:
         kwargs["in_chans"] = in_chans
     try:
-        return create_model(m.name, num_classes=m.num_classes or data.num_classes, pretrained=m.pretrained,
-                            pretrained_file=m.pretrained_file, **kwargs)
+        return create_model(m.name, num_classes=m.num_classes or data.num_classes,
+                            pretrained=m.pretrained and not resuming,
+                            pretrained_file=None if resuming else m.pretrained_file, **kwargs)
     except TypeError as e:
         if "in_chans" in kwargs and "in_chans" in str(e):
             raise TrainError(f"model {m.name!r} does not take in_chans, and {recipe.data.name} images have "
