@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .._malloc import release_free_memory, set_mmap_threshold
+from .._malloc import release_free_memory, reset_peak_rss, set_mmap_threshold, status_bytes
 from ..memory import SavedTensorTracker
 
 __all__ = [
@@ -90,27 +90,6 @@ def unpin_mmap_threshold() -> bool:
     return set_mmap_threshold(32 * MiB)
 
 
-def _status_bytes(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where the OS does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakWindow:
     """Peak memory the code inside the window adds on top of what was alive when it began (bytes).
 
@@ -133,7 +112,7 @@ class PeakWindow:
             self.allocator_pinned = pin_mmap_threshold()
             release_free_memory()
             self.available = reset_peak_rss()
-            self._base = _status_bytes("VmRSS")
+            self._base = status_bytes("VmRSS")
             self.available = self.available and self._base is not None
         return self
 
@@ -145,7 +124,7 @@ class PeakWindow:
             self.process_peak = peak
         else:
             if self.available:
-                hwm = _status_bytes("VmHWM")
+                hwm = status_bytes("VmHWM")
                 self.increase = max(0, hwm - self._base) if hwm is not None else None
                 self.process_peak = hwm
             if self.allocator_pinned:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .._malloc import release_free_memory, reset_peak_rss, status_bytes
+
 __all__ = ["reset_peak_memory", "peak_memory_mb"]
 
 
@@ -18,24 +20,12 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    from .._malloc import release_free_memory
-
     release_free_memory()  # hand freed heap back first, so the previous run's cached memory does not count
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()
 
 
 def peak_memory_mb(device: torch.device) -> Optional[float]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
+    peak = status_bytes("VmHWM")
+    return peak / 2**20 if peak is not None else None
